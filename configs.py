@@ -1,0 +1,119 @@
+"""One plain dict per experiment; override any key with `python expN.py --key=value` (case-insensitive)."""
+
+
+class UserError(Exception):
+    """Bad input (config, data, files): reported as one line naming the problem and the fix, exit code 2."""
+
+
+class ConfigError(UserError):
+    """An unknown config key, or a value of the wrong type or out of range."""
+
+
+EXP1 = {
+    "EXPERIMENT": "exp1",        # name of the run (wandb run name, checkpoint tag)
+    # data
+    "DATA": "tiny_nerf",         # 'tiny_nerf' (downloaded on first use), 'synthetic', a .npz, or a nerf_synthetic folder
+    "DOWNSCALE": 1,              # nerf_synthetic only: integer image downscale (800 px / 8 = 100 px)
+    "WHITE_BKGD": False,         # nerf_synthetic only: composite RGBA over white instead of black
+    "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume
+    # model (nerf.py)
+    "POS_ENCODE_DIMS": 10,       # positional-encoding frequencies of xyz (input itself included on top)
+    "NUM_LAYERS": 8,             # hidden ReLU layers; the encoded input is concatenated back every 4
+    "EMB_DIM": 64,               # width of each hidden layer
+    "USE_VIEWDIRS": False,       # also feed the view direction (for view-dependent colour)
+    "DIR_ENCODE_DIMS": 4,        # positional-encoding frequencies of the view direction
+    "DENSITY_ACT": "relu",       # density activation: 'relu' (the seed's) or 'softplus' (never dies; measured slower)
+    # rendering (utils.py)
+    "NUM_SAMPLES": 64,           # stratified samples per ray between the scene's near and far bounds
+    "CHUNK": 4096,               # rays per forward pass when rendering whole images (memory, not results)
+    "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training and rendering)
+    "SCENE_BOUND": 1.5,          # the scene lies inside the cube [-SCENE_BOUND, SCENE_BOUND]^3 (grid extent)
+    "GRID_RES": 64,              # occupancy grid cells per axis
+    # optimisation
+    "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
+    "LR": 2e-3,                  # peak AdamW learning rate
+    "MIN_LR": 5e-5,              # learning rate at the end of the cosine decay
+    "WARMUP_STEPS": 100,         # linear warm-up steps
+    "WEIGHT_DECAY": 0.0,         # AdamW decoupled weight decay
+    "AMSGRAD": False,            # AdamW's AMSGrad variant
+    "GRAD_CLIP": 0.0,            # clip the gradient norm to this (0 = off; the norm is logged either way)
+    "MAX_STEPS": 10000,          # training steps; the LR schedule spans them (or TIME_BUDGET_S if that ends first)
+    "TIME_BUDGET_S": 0.0,        # stop training after this many seconds, then evaluate (0 = off)
+    "SEED": 0,                   # seeds the model init, the ray batches and the sample jitter
+    "DEVICE": "auto",            # 'auto' (cuda if present), 'cpu' or 'cuda'
+    "COMPILE": False,            # torch.compile the model; off: with the grid it measured slower (README)
+    # evaluation and outputs
+    "EVAL_EVERY": 250,           # validate every this many steps (0 = only at the end)
+    "EVAL_VIEWS": 2,             # validation views rendered at each periodic validation (all of them at the end)
+    "CKPT_EVERY": 250,           # write ckpt.pt every this many steps (and always at the end)
+    "LOG_EVERY": 25,             # log training loss, PSNR, grad-norm and LR every this many steps
+    "VIDEO_FRAMES": 120,         # frames of the 360-degree video at the end (0 = no video)
+    "WANDB": "auto",             # 'auto' (online if an API key is configured, else offline), 'online', 'offline', 'disabled'
+    "WANDB_PROJECT": "nerf-experiments",  # wandb project name
+}
+
+EXP2 = {**EXP1, "EXPERIMENT": "exp2", "OUT_DIR": "out/exp2"}  # BF16 autocast (issue 3)
+EXP3 = {**EXP1, "EXPERIMENT": "exp3", "OUT_DIR": "out/exp3"}  # more samples + reg. (issue 3)
+EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4"}  # BitNet QAT (issue 4)
+EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5"}  # DDP (issue 5)
+EXP6 = {**EXP1, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6"}  # BitNet + DDP (issue 5)
+
+# Presets whose experiment lands with a later issue; running them says so instead of training exp1 again.
+NOT_IMPLEMENTED = {"exp2": "issue 3", "exp3": "issue 3", "exp4": "issue 4", "exp5": "issue 5", "exp6": "issue 5"}
+
+CHOICES = {"DENSITY_ACT": ("relu", "softplus"), "DEVICE": ("auto", "cpu", "cuda"), "WANDB": ("auto", "online", "offline", "disabled")}
+POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
+            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES")
+NON_NEGATIVE = ("POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
+                "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES")
+
+
+def parse_value(key, text, default):
+    """Parse text to the type of the key's default value, or raise ConfigError."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.lower()]
+        elif kind is int:
+            value = float(text)
+            if value != int(value):
+                raise ValueError
+            value = int(value)
+        elif kind is float:
+            value = float(text)
+        else:
+            value = text
+    except (KeyError, ValueError, OverflowError):
+        raise ConfigError(f"--{key.lower()}={text}: expected {kind.__name__}, like --{key.lower()}={default}") from None
+    return value
+
+
+def check_config(cfg):
+    """Reject out-of-range values with a message naming the key."""
+    for key, allowed in CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ConfigError(f"--{key.lower()}={cfg[key]}: must be one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if not cfg[key] > 0:
+            raise ConfigError(f"--{key.lower()}={cfg[key]}: must be > 0")
+    for key in NON_NEGATIVE:
+        if not cfg[key] >= 0:
+            raise ConfigError(f"--{key.lower()}={cfg[key]}: must be >= 0")
+    if cfg["MIN_LR"] > cfg["LR"]:
+        raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
+
+
+def apply_overrides(cfg, argv):
+    """The preset with `--key=value` arguments applied, type-checked and range-checked."""
+    cfg = dict(cfg)
+    keys = {k.lower(): k for k in cfg}
+    for arg in argv:
+        name, eq, text = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ConfigError(f"bad argument {arg!r}: use --key=value")
+        if name.lower() not in keys:
+            raise ConfigError(f"unknown key --{name}; valid keys: {', '.join(sorted(keys))}")
+        key = keys[name.lower()]
+        cfg[key] = parse_value(key, text, cfg[key])
+    check_config(cfg)
+    return cfg

@@ -1,0 +1,246 @@
+"""Scenes from a tiny-NeRF .npz, a nerf_synthetic folder, or a procedural scene, behind one interface."""
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from configs import UserError
+from utils import get_rays, pose_spherical, rays_for_pixels
+
+TINY_NERF_URL = "https://cseweb.ucsd.edu/~viscomp/projects/LF/papers/ECCV20/nerf/tiny_nerf_data.npz"
+
+
+class DataError(UserError):
+    """Bad or missing data; the message names the problem and the fix."""
+
+
+@dataclass
+class Views:
+    """Images (N, H, W, 3) float32 in [0, 1] with their camera-to-world poses (N, 4, 4) and focal (pixels)."""
+
+    images: torch.Tensor
+    poses: torch.Tensor
+    focal: float
+
+    @property
+    def hw(self):
+        return self.images.shape[1], self.images.shape[2]
+
+
+@dataclass
+class Scene:
+    """Named splits of views plus what rendering needs: near/far bounds and the background colour."""
+
+    splits: dict
+    near: float
+    far: float
+    background: torch.Tensor
+
+
+def cache_dir():
+    """Where downloads go: $NERF_CACHE_DIR, else $XDG_CACHE_HOME/nerf-experiments, else ~/.cache/..."""
+    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "nerf-experiments")
+    return os.environ.get("NERF_CACHE_DIR", default)
+
+
+def download(url, path):
+    """Fetch url to path with a progress bar, through a temp file in the same directory."""
+    from tqdm import tqdm
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".part"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise DataError(f"could not download {url} ({e}); pass --data=PATH to a local tiny_nerf_data.npz, "
+                        f"or --data=synthetic to train offline") from None
+    return tmp
+
+
+def check_views(images, poses, focal, where):
+    """Validate shapes, dtypes and values of images/poses/focal; return them as float32 tensors."""
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise DataError(f"{where}: images must be (N, H, W, 3), got shape {images.shape}; check the file")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    if not np.issubdtype(images.dtype, np.floating):
+        raise DataError(f"{where}: images must be float in [0, 1] or uint8, got {images.dtype}; convert them")
+    if poses.shape != (images.shape[0], 4, 4):
+        raise DataError(f"{where}: poses must be ({images.shape[0]}, 4, 4) to match {images.shape[0]} images, "
+                        f"got {poses.shape}; check the file")
+    if not (np.isfinite(images).all() and np.isfinite(poses).all()):
+        raise DataError(f"{where}: images or poses contain NaN/inf values; regenerate the data")
+    if images.min() < 0 or images.max() > 1:
+        raise DataError(f"{where}: image values must lie in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
+    rot = poses[:, :3, :3].astype(np.float64)
+    if np.abs(rot @ rot.transpose(0, 2, 1) - np.eye(3)).max() > 1e-3 or \
+            np.abs(poses[:, 3] - [0, 0, 0, 1]).max() > 1e-6:
+        raise DataError(f"{where}: poses must be rigid camera-to-world transforms (rotation + translation); "
+                        "check the file's layout")
+    if not (np.ndim(focal) == 0 and np.isfinite(focal) and focal > 0):
+        raise DataError(f"{where}: focal must be one positive number, got {focal!r}")
+    return torch.from_numpy(np.ascontiguousarray(images[..., :3], dtype=np.float32)), \
+        torch.from_numpy(poses.astype(np.float32)), float(focal)
+
+
+def read_npz(path):
+    """Images, poses and focal from a tiny-NeRF .npz, validated."""
+    try:
+        with np.load(path) as z:
+            missing = {"images", "poses", "focal"} - set(z.files)
+            if missing:
+                raise DataError(f"{path}: missing arrays {sorted(missing)}; a tiny-NeRF .npz holds images, poses, focal")
+            images, poses, focal = z["images"], z["poses"], z["focal"]
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a readable .npz ({e}); re-download it or pass another --data") from None
+    return check_views(images, poses, focal[()] if np.ndim(focal) == 0 else focal, path)
+
+
+def split_views(images, poses, focal, train_fraction=0.9):
+    """The seed's split: the first 90 % of views train, the rest validate."""
+    n_train = max(1, min(len(images) - 1, int(len(images) * train_fraction)))
+    return {"train": Views(images[:n_train], poses[:n_train], focal),
+            "val": Views(images[n_train:], poses[n_train:], focal),
+            "all": Views(images, poses, focal)}
+
+
+def load_npz(path):
+    """A tiny-NeRF .npz scene: black background, near 2, far 6 (the tiny-NeRF notebook's bounds)."""
+    images, poses, focal = read_npz(path)
+    if len(images) < 2:
+        raise DataError(f"{path}: needs at least 2 views to train and validate, got {len(images)}")
+    return Scene(split_views(images, poses, focal), 2.0, 6.0, torch.zeros(3))
+
+
+def load_tiny_nerf():
+    """The seed's default data, downloaded once into the cache and validated before it is kept."""
+    path = os.path.join(cache_dir(), "tiny_nerf_data.npz")
+    if not os.path.exists(path):
+        tmp = download(TINY_NERF_URL, path)
+        try:
+            read_npz(tmp)
+        except DataError:
+            os.remove(tmp)
+            raise
+        os.replace(tmp, path)
+    return load_npz(path)
+
+
+def load_blender_split(folder, split, downscale, background):
+    """One transforms_{split}.json of a nerf_synthetic scene: RGBA PNGs composited over the background."""
+    import imageio.v2 as imageio
+
+    path = os.path.join(folder, f"transforms_{split}.json")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        frames = meta["frames"]
+        files = [os.path.join(folder, fr["file_path"] + ("" if fr["file_path"].endswith(".png") else ".png"))
+                 for fr in frames]
+        images = np.stack([imageio.imread(p) for p in files]).astype(np.float32) / 255.0
+        poses = np.array([fr["transform_matrix"] for fr in frames], dtype=np.float32)
+        angle = float(meta["camera_angle_x"])
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"{path}: cannot read the scene ({type(e).__name__}: {e}); check the folder") from None
+    if images.shape[-1] == 4:  # composite at full resolution, then average: what a camera would see
+        images = images[..., :3] * images[..., 3:] + (1 - images[..., 3:]) * background.numpy()
+    if downscale > 1:
+        N, H, W, _ = images.shape
+        H, W = H // downscale, W // downscale
+        images = images[:, :H * downscale, :W * downscale].reshape(N, H, downscale, W, downscale, 3).mean((2, 4))
+    focal = 0.5 * images.shape[2] / math.tan(0.5 * angle)
+    return Views(*check_views(images, poses, focal, path))
+
+
+def load_blender(folder, downscale, background):
+    """A nerf_synthetic scene folder with transforms_train/val(/test).json; near 2, far 6."""
+    if not os.path.exists(os.path.join(folder, "transforms_train.json")):
+        raise DataError(f"{folder}: no transforms_train.json; pass a nerf_synthetic scene folder such as .../lego")
+    splits = {s: load_blender_split(folder, s, downscale, background)
+              for s in ("train", "val", "test") if os.path.exists(os.path.join(folder, f"transforms_{s}.json"))}
+    if "val" not in splits:
+        raise DataError(f"{folder}: no transforms_val.json; the loop validates on it")
+    splits["all"] = Views(torch.cat([v.images for v in splits.values()]),
+                          torch.cat([v.poses for v in splits.values()]), splits["train"].focal)
+    return Scene(splits, 2.0, 6.0, background)
+
+
+def synthetic_scene(n_views=40, size=48, seed=0):
+    """Three coloured spheres and a box, ray-traced exactly (Lambert-shaded) from cameras on a sphere."""
+    rng = np.random.default_rng(seed)
+    focal = 1.2 * size
+    spheres = [((0.0, 0.0, 0.0), 0.6, (0.9, 0.2, 0.2)), ((0.8, 0.4, 0.2), 0.35, (0.2, 0.8, 0.3)),
+               ((-0.6, -0.5, 0.4), 0.4, (0.2, 0.4, 0.9))]
+    box_lo, box_hi, box_rgb = np.array([-0.9, 0.3, -0.7]), np.array([-0.3, 0.9, -0.1]), np.array([0.9, 0.8, 0.2])
+    light = np.array([0.4, 0.5, 0.77])
+    images, poses = [], []
+    for theta, phi in zip(np.linspace(0, 360, n_views, endpoint=False), rng.uniform(-60, -10, n_views)):
+        c2w = pose_spherical(float(theta), float(phi), 3.5)
+        rays = get_rays(c2w, size, size, focal)
+        o, d = rays.origins.double().numpy(), rays.viewdirs.double().numpy()
+        best_t, img = np.full(len(o), np.inf), np.zeros((len(o), 3))
+        for centre, radius, rgb in spheres:
+            oc = o - centre
+            b = (oc * d).sum(-1)
+            disc = b * b - ((oc * oc).sum(-1) - radius ** 2)
+            t = np.where(disc > 0, -b - np.sqrt(np.maximum(disc, 0)), np.inf)
+            hit = (t > 0) & (t < best_t)
+            normal = (o + t[:, None] * d - centre) / radius
+            img[hit] = np.array(rgb) * (0.35 + 0.65 * np.clip(normal[hit] @ light, 0, 1))[:, None]
+            best_t[hit] = t[hit]
+        with np.errstate(divide="ignore", invalid="ignore"):  # slab test; rays parallel to a face give inf
+            t0, t1 = (box_lo - o) / d, (box_hi - o) / d
+        tn, tf = np.minimum(t0, t1).max(-1), np.maximum(t0, t1).min(-1)
+        hit = (tn < tf) & (tn > 0) & (tn < best_t)
+        face = np.argmax(np.minimum(t0, t1), axis=-1)
+        shade = 0.35 + 0.65 * np.abs(light[face])
+        img[hit] = box_rgb * shade[hit, None]
+        images.append(img.reshape(size, size, 3))
+        poses.append(c2w.numpy())
+    return np.stack(images).astype(np.float32), np.stack(poses).astype(np.float32), focal
+
+
+def load_synthetic():
+    """The procedural scene: black background, cameras at radius 3.5, near 2, far 5."""
+    return Scene(split_views(*check_views(*synthetic_scene(), "synthetic")), 2.0, 5.0, torch.zeros(3))
+
+
+def load_scene(data, downscale=1, white_background=False):
+    """Dispatch on DATA: 'tiny_nerf' (download), 'synthetic', a .npz file, or a nerf_synthetic folder."""
+    if data == "tiny_nerf":
+        return load_tiny_nerf()
+    if data == "synthetic":
+        return load_synthetic()
+    if not os.path.exists(data):
+        raise DataError(f"data not found: {data}; pass --data=PATH to a .npz or nerf_synthetic scene folder, "
+                        "--data=tiny_nerf to download the default, or --data=synthetic")
+    if os.path.isdir(data):
+        return load_blender(data, downscale, torch.full((3,), 1.0 if white_background else 0.0))
+    return load_npz(data)
+
+
+def sample_batch(views, n_rays, generator):
+    """Random rays drawn uniformly across all pixels of all training images, with their target colours."""
+    N, (H, W) = views.images.shape[0], views.hw
+    idx = torch.randint(N * H * W, (n_rays,), generator=generator, device=views.images.device)
+    img, pix = idx // (H * W), idx % (H * W)
+    j, i = pix // W, pix % W
+    rays = rays_for_pixels(views.poses[img], i, j, H, W, views.focal)
+    return rays, views.images[img, j, i]

@@ -1,0 +1,70 @@
+"""Render every view of a split and print one JSON line of metrics.
+
+python eval.py RUN_DIR_OR_CKPT [--data=PATH] [--split=auto|all|train|val|test] [--out=DIR] [--device=auto]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from configs import UserError
+from dataset import load_scene
+from train import build_grid, build_model, evaluate_views, load_checkpoint, resolve_device
+
+
+def default_split(data, scene):
+    """All views of a .npz given directly; else the test split when the scene has one, else val."""
+    if data.endswith(".npz"):
+        return "all"
+    return "test" if "test" in scene.splits else "val"
+
+
+def run(args):
+    """Load the checkpoint and data, render, and return the metrics dict."""
+    path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; pass a run directory (holding ckpt.pt) or a .pt file")
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    device = resolve_device(args.device)
+    model = build_model(cfg, device)
+    model.load_state_dict(ckpt["model"])
+    data = args.data or cfg["DATA"]
+    scene = load_scene(data, cfg["DOWNSCALE"], cfg["WHITE_BKGD"])
+    split = default_split(data, scene) if args.split == "auto" else args.split
+    if split not in scene.splits:
+        raise UserError(f"--split={split}: {data} has only {', '.join(sorted(scene.splits))}")
+    views = scene.splits[split]
+    views.images, views.poses, scene.background = views.images.to(device), views.poses.to(device), \
+        scene.background.to(device)
+    grid = build_grid(cfg, scene, device)
+    if grid is not None:
+        grid.load_state_dict(ckpt["grid"])
+    t0 = time.perf_counter()
+    scores, _ = evaluate_views(model, views, scene, cfg, grid, save_dir=args.out)
+    return {"psnr": round(scores["psnr"], 4), "ssim": round(scores["ssim"], 4), "views": scores["views"],
+            "seconds": round(time.perf_counter() - t0, 2), "split": split, "step": ckpt["step"]}
+
+
+def main(argv=None):
+    """Parse arguments, evaluate, print the JSON line; bad input is one line on stderr and exit 2."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", help="run directory holding ckpt.pt, or a checkpoint file")
+    p.add_argument("--data", default=None, help="data to evaluate on (default: the run's DATA)")
+    p.add_argument("--split", default="auto", choices=("auto", "all", "train", "val", "test"))
+    p.add_argument("--out", default=None, help="also save each render and its depth map as PNG here")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
+    args = p.parse_args(argv)
+    try:
+        print(json.dumps(run(args)))
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

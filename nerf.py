@@ -1,0 +1,73 @@
+"""The NeRF MLP: positionally encoded xyz (and optionally view direction) -> RGB and density."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def positional_encoding(x, num_freqs):
+    """[x, sin(2^k x), cos(2^k x)] for k < num_freqs, as in the Keras tutorial the seed ports."""
+    freqs = 2.0 ** torch.arange(num_freqs, device=x.device, dtype=x.dtype)
+    xf = (x[..., None, :] * freqs[:, None]).flatten(-2)
+    return torch.cat([x, torch.sin(xf), torch.cos(xf)], dim=-1)
+
+
+def encoded_dim(num_freqs):
+    """Width of positional_encoding's output for a 3-vector."""
+    return 3 + 3 * 2 * num_freqs
+
+
+class NeRF(nn.Module):
+    """NUM_LAYERS x EMB_DIM ReLU MLP with the encoded input concatenated back every 4 layers.
+
+    Density goes through ReLU (the seed) or softplus: a ReLU density pushed below zero everywhere early in
+    training (an easy minimum on a black background) gets no gradient again and the run is lost.
+    """
+
+    def __init__(self, pos_encode_dims=10, num_layers=8, emb_dim=64, use_viewdirs=False, dir_encode_dims=4,
+                 density_act="relu"):
+        super().__init__()
+        self.density_act = {"relu": F.relu, "softplus": F.softplus}[density_act]
+        self.pos_encode_dims, self.dir_encode_dims = pos_encode_dims, dir_encode_dims
+        self.use_viewdirs = use_viewdirs
+        in_dim = encoded_dim(pos_encode_dims)
+        self.skips = {i for i in range(4, num_layers, 4)}
+        self.layers = nn.ModuleList(
+            nn.Linear(emb_dim + (in_dim if i in self.skips else 0) if i else in_dim, emb_dim)
+            for i in range(num_layers)
+        )
+        if use_viewdirs:
+            self.sigma_out = nn.Linear(emb_dim, 1)
+            self.feature = nn.Linear(emb_dim, emb_dim)
+            self.dir_layer = nn.Linear(emb_dim + encoded_dim(dir_encode_dims), emb_dim // 2)
+            self.rgb_out = nn.Linear(emb_dim // 2, 3)
+        else:
+            self.out = nn.Linear(emb_dim, 4)
+        with torch.no_grad():  # density starts positive everywhere: a ReLU that starts at 0 gets no gradient
+            (self.sigma_out.bias if use_viewdirs else self.out.bias[3:]).fill_(0.1)
+
+    def forward(self, xyz, viewdirs=None):
+        """Points (..., 3) [+ unit view directions (..., 3)] -> rgb (..., 3) in [0, 1], sigma (...) >= 0."""
+        x = positional_encoding(xyz, self.pos_encode_dims)
+        h = x
+        for i, layer in enumerate(self.layers):
+            if i in self.skips:
+                h = torch.cat([h, x], dim=-1)
+            h = F.relu(layer(h))
+        if not self.use_viewdirs:
+            out = self.out(h)
+            return torch.sigmoid(out[..., :3]), self.density_act(out[..., 3])
+        d = positional_encoding(viewdirs, self.dir_encode_dims)
+        rgb_h = F.relu(self.dir_layer(torch.cat([self.feature(h), d], dim=-1)))
+        return torch.sigmoid(self.rgb_out(rgb_h)), self.density_act(self.sigma_out(h)[..., 0])
+
+
+def model_kwargs(cfg):
+    """The NeRF constructor arguments a config selects (also what a checkpoint must match)."""
+    return dict(
+        pos_encode_dims=cfg["POS_ENCODE_DIMS"],
+        num_layers=cfg["NUM_LAYERS"],
+        emb_dim=cfg["EMB_DIM"],
+        use_viewdirs=cfg["USE_VIEWDIRS"],
+        dir_encode_dims=cfg["DIR_ENCODE_DIMS"],
+        density_act=cfg["DENSITY_ACT"],
+    )

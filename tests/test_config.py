@@ -1,0 +1,38 @@
+"""Command-line overrides: matching, parsing, type and range errors."""
+import pytest
+
+from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, ConfigError, apply_overrides
+
+
+def test_overrides_are_case_insensitive_and_typed():
+    before = dict(EXP1)
+    cfg = apply_overrides(EXP1, ["--lr=3e-3", "--NUM_SAMPLES=16", "--Compile=false", "--data=synthetic",
+                                 "--max_steps=1e3", "--time_budget_s=60"])
+    assert cfg["LR"] == 3e-3 and cfg["NUM_SAMPLES"] == 16 and cfg["COMPILE"] is False
+    assert cfg["DATA"] == "synthetic" and cfg["MAX_STEPS"] == 1000 and cfg["TIME_BUDGET_S"] == 60.0
+    assert EXP1 == before  # the preset itself is untouched
+
+
+@pytest.mark.parametrize("arg, words", [
+    ("--bogus=1", "unknown key --bogus; valid keys: .*num_samples"),
+    ("--num_samples=abc", "expected int"),
+    ("--num_samples=2.5", "expected int"),
+    ("--compile=maybe", "expected bool"),
+    ("--lr=fast", "expected float"),
+    ("--num_samples=0", "must be > 0"),
+    ("--lr=-1e-3", "must be > 0"),
+    ("--device=tpu", "must be one of auto, cpu, cuda"),
+    ("--wandb=sometimes", "must be one of"),
+    ("--min_lr=1", "above --lr"),
+    ("lr=1", "use --key=value"),
+    ("--lr", "use --key=value"),
+])
+def test_bad_overrides_name_the_problem(arg, words):
+    with pytest.raises(ConfigError, match=words):
+        apply_overrides(EXP1, [arg])
+
+
+def test_every_preset_is_complete_and_valid():
+    for preset in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6):
+        assert set(preset) == set(EXP1)
+        apply_overrides(preset, [])

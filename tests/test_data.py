@@ -1,0 +1,145 @@
+"""The three data sources, their validation, and bad files."""
+import json
+import os
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+import dataset
+from conftest import SHARED_DATA
+from dataset import DataError, load_scene, sample_batch, synthetic_scene
+
+
+@pytest.fixture(scope="module")
+def synth():
+    return synthetic_scene(n_views=6, size=16)
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_npz_round_trip_and_seed_split(tmp_path, synth):
+    images, poses, focal = synth
+    scene = load_scene(write_npz(tmp_path / "s.npz", images=images, poses=poses, focal=focal))
+    assert len(scene.splits["train"].images) == 5 and len(scene.splits["val"].images) == 1
+    assert torch.equal(scene.splits["val"].images[0], torch.from_numpy(images[5]))
+    assert scene.splits["train"].focal == pytest.approx(focal) and (scene.near, scene.far) == (2.0, 6.0)
+
+
+def test_uint8_images_are_scaled(tmp_path, synth):
+    images, poses, focal = synth
+    scene = load_scene(write_npz(tmp_path / "u.npz", images=(images * 255).astype(np.uint8), poses=poses,
+                                 focal=focal))
+    assert scene.splits["all"].images.max() <= 1.0 and scene.splits["all"].images.dtype == torch.float32
+
+
+BAD = {
+    "missing key": (lambda i, p, f: dict(images=i, poses=p), "missing arrays"),
+    "wrong image shape": (lambda i, p, f: dict(images=i[..., 0], poses=p, focal=f), "images must be"),
+    "count mismatch": (lambda i, p, f: dict(images=i, poses=p[:-1], focal=f), "to match"),
+    "NaN pixels": (lambda i, p, f: dict(images=np.where(i > 0.5, np.nan, i), poses=p, focal=f), "NaN"),
+    "string dtype": (lambda i, p, f: dict(images=i.astype(str), poses=p, focal=f), "float in [0, 1] or uint8"),
+    "non-rigid pose": (lambda i, p, f: dict(images=i, poses=p * 2, focal=f), "rigid"),
+    "bad focal": (lambda i, p, f: dict(images=i, poses=p, focal=-1.0), "focal"),
+    "out of range": (lambda i, p, f: dict(images=i * 3, poses=p, focal=f), "[0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_npz_is_refused_with_a_reason(tmp_path, synth, case):
+    make, words = BAD[case]
+    with pytest.raises(DataError, match=words[:12].replace("[", r"\[").replace("]", r"\]")):
+        load_scene(write_npz(tmp_path / "bad.npz", **make(*synth)))
+
+
+def test_truncated_and_missing_files(tmp_path, synth):
+    path = write_npz(tmp_path / "t.npz", images=synth[0], poses=synth[1], focal=synth[2])
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(DataError, match="not a readable .npz"):
+        load_scene(path)
+    with pytest.raises(DataError, match="--data=synthetic"):
+        load_scene(str(tmp_path / "nope.npz"))
+    with pytest.raises(DataError, match="no transforms_train.json"):
+        load_scene(str(tmp_path))
+
+
+def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("NERF_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(dataset, "TINY_NERF_URL", "http://127.0.0.1:9/tiny_nerf_data.npz")
+    with pytest.raises(DataError, match="--data=PATH.*--data=synthetic"):
+        load_scene("tiny_nerf")
+    assert os.listdir(tmp_path) == []  # no partial download left behind
+
+
+def test_download_is_validated_before_it_is_kept(tmp_path, monkeypatch, synth):
+    src = write_npz(tmp_path / "src.npz", images=synth[0], poses=synth[1], focal=synth[2])
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NERF_CACHE_DIR", str(cache))
+    monkeypatch.setattr(dataset, "TINY_NERF_URL", "file://" + src)
+    scene = load_scene("tiny_nerf")
+    assert len(scene.splits["all"].images) == 6 and os.listdir(cache) == ["tiny_nerf_data.npz"]
+
+
+def write_blender(folder, images, poses, focal, splits=("train", "val")):
+    """A nerf_synthetic-style folder: RGBA PNGs (alpha from non-black pixels) and transforms json."""
+    H, W = images.shape[1:3]
+    for split in splits:
+        os.makedirs(folder / split, exist_ok=True)
+        frames = []
+        for k, (img, pose) in enumerate(zip(images, poses)):
+            alpha = (img.max(-1, keepdims=True) > 0).astype(np.float32)
+            imageio.imwrite(folder / split / f"r_{k}.png", (np.concatenate([img, alpha], -1) * 255).astype(np.uint8))
+            frames.append({"file_path": f"./{split}/r_{k}", "transform_matrix": pose.tolist()})
+        angle = 2 * np.arctan(W / (2 * focal))
+        (folder / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+    return str(folder)
+
+
+def test_blender_folder_background_and_downscale(tmp_path, synth):
+    images, poses, focal = synth
+    folder = write_blender(tmp_path / "scene", images, poses, focal)
+    black = load_scene(folder)
+    white = load_scene(folder, white_background=True)
+    half = load_scene(folder, downscale=2)
+    bg = torch.from_numpy(images[0].max(-1) == 0)
+    assert torch.allclose(black.splits["train"].images[0][bg], torch.zeros(3))
+    assert torch.allclose(white.splits["train"].images[0][bg], torch.ones(3))
+    assert half.splits["val"].hw == (8, 8) and half.splits["val"].focal == pytest.approx(focal / 2, rel=1e-4)
+    assert sorted(black.splits) == ["all", "train", "val"]
+
+
+def test_blender_folder_without_val_or_with_bad_json(tmp_path, synth):
+    folder = write_blender(tmp_path / "scene", *synth, splits=("train",))
+    with pytest.raises(DataError, match="no transforms_val.json"):
+        load_scene(folder)
+    (tmp_path / "scene" / "transforms_val.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot read the scene"):
+        load_scene(folder)
+
+
+def test_batches_carry_the_right_target_colours(synth):
+    scene = load_scene("synthetic")
+    views = scene.splits["train"]
+    rays, target = sample_batch(views, 256, torch.Generator().manual_seed(0))
+    assert rays.origins.shape == (256, 3) and target.shape == (256, 3)
+    # each target is a pixel of some training image
+    flat = views.images.reshape(-1, 3)
+    assert all((flat == c).all(-1).any() for c in target[:20])
+
+
+def test_shared_lego_tiny_matches_the_nerf_synthetic_folder(lego_tiny):
+    """The 100 px npz and the 800 px folder downscaled by 8 are the same views (checks both loaders)."""
+    folder = os.path.join(SHARED_DATA, "nerf_synthetic", "lego")
+    if not os.path.isdir(folder):
+        pytest.skip("../shared/data/nerf_synthetic/lego not present")
+    tiny = load_scene(lego_tiny)
+    big = load_scene(folder, downscale=8)
+    assert len(tiny.splits["all"].images) == 90 and tiny.splits["all"].hw == (100, 100)
+    assert torch.allclose(tiny.splits["all"].poses[:80], big.splits["train"].poses, atol=1e-5)
+    assert big.splits["train"].focal == pytest.approx(tiny.splits["all"].focal, rel=1e-3)
+    assert (tiny.splits["all"].images[:80] - big.splits["train"].images).abs().mean() < 0.02

@@ -1,0 +1,143 @@
+"""Rays, sampling and volume rendering against cases with known answers."""
+import math
+
+import torch
+
+from nerf import NeRF
+from utils import OccupancyGrid, Rays, get_rays, pose_spherical, render_image, sample_along_rays, volume_render
+
+
+def test_rays_hit_the_pixels_known_points_project_to():
+    """A 3D point projected by the pinhole model lies on the ray through its pixel."""
+    H, W, focal = 30, 40, 35.0
+    c2w = pose_spherical(30.0, -20.0, 4.0)
+    w2c = torch.linalg.inv(c2w)
+    rays = get_rays(c2w, H, W, focal)
+    for p in torch.tensor([[0.1, 0.2, -0.3], [0.5, -0.4, 0.2], [-0.2, 0.0, 0.6]]):
+        cam = w2c[:3, :3] @ p + w2c[:3, 3]
+        assert cam[2] < 0  # in front of an OpenGL camera
+        u, v = W / 2 + focal * cam[0] / -cam[2], H / 2 - focal * cam[1] / -cam[2]
+        k = int(v) * W + int(u)
+        o, d = rays.origins[k], rays.viewdirs[k]
+        to_p = (p - o) / (p - o).norm()
+        # the ray through the pixel centre passes within half a pixel of p's direction
+        assert torch.acos(torch.clamp(to_p @ d, -1, 1)) < 0.75 / focal
+    assert torch.allclose(rays.viewdirs.norm(dim=-1), torch.ones(H * W), atol=1e-6)
+
+
+def test_camera_looks_at_origin():
+    c2w = pose_spherical(123.0, -30.0, 4.0)
+    centre = get_rays(c2w, 2, 2, 10.0)
+    mid = centre.viewdirs.mean(0)
+    assert torch.allclose(mid / mid.norm(), -c2w[:3, 3] / 4.0, atol=1e-5)
+
+
+def test_homogeneous_slab_matches_analytic_transmittance_and_depth():
+    """Density s on [a, b], zero elsewhere: opacity 1 - exp(-s(b-a)), depth and colour known in closed form."""
+    a, b, s, near, far, n = 3.0, 4.0, 2.0, 2.0, 6.0, 4000
+    t = (near + (far - near) * (torch.arange(n, dtype=torch.float64) + 0.5) / n)[None]
+    sigma = torch.where((t >= a) & (t < b), s, 0.0)
+    rgb = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64).expand(1, n, 3)
+    bg = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    out, depth, acc = volume_render(rgb, sigma, t, far, bg)
+    opacity = 1 - math.exp(-s * (b - a))
+    exp_depth = a + 1 / s - (b + 1 / s) * math.exp(-s * (b - a))  # integral of t s exp(-s (t - a)) over [a, b]
+    assert abs(acc.item() - opacity) < 1e-3
+    assert abs(depth.item() - exp_depth) < 2e-3
+    assert torch.allclose(out[0], opacity * rgb[0, 0] + (1 - opacity) * bg, atol=1e-3)
+
+
+def test_transmittance_is_exclusive():
+    """A single opaque-ish sample gets weight alpha, not alpha * (1 - alpha) as an inclusive cumprod gives."""
+    t = torch.tensor([[2.0, 3.0]])
+    sigma = torch.tensor([[1.0, 0.0]])
+    _, _, acc = volume_render(torch.ones(1, 2, 3), sigma, t, 4.0, torch.zeros(3))
+    assert abs(acc.item() - (1 - math.exp(-1.0))) < 1e-6
+
+
+def test_stratified_samples_stay_in_their_bins():
+    rays = Rays(torch.zeros(5, 3), torch.tensor([[0.0, 0.0, -1.0]]).expand(5, 3))
+    g = torch.Generator().manual_seed(0)
+    t = sample_along_rays(rays, 2.0, 6.0, 8, g)
+    lo = 2.0 + 4.0 * torch.arange(8) / 8
+    assert ((t >= lo) & (t <= lo + 0.5)).all() and not torch.allclose(t[0], t[1])
+    assert torch.allclose(sample_along_rays(rays, 2.0, 6.0, 8)[0], lo + 0.25)
+
+
+def test_render_image_does_not_depend_on_chunk_size():
+    torch.manual_seed(0)
+    model = NeRF(pos_encode_dims=4, num_layers=2, emb_dim=16)
+    c2w = pose_spherical(10.0, -30.0, 4.0)
+    a = render_image(model, c2w, 9, 11, 12.0, 2.0, 6.0, 16, torch.zeros(3), chunk=7)
+    b = render_image(model, c2w, 9, 11, 12.0, 2.0, 6.0, 16, torch.zeros(3), chunk=1000)
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=1e-6)
+    assert a[0].shape == (9, 11, 3) and a[1].shape == (9, 11)
+
+
+def test_view_directions_change_colour_only():
+    torch.manual_seed(0)
+    model = NeRF(pos_encode_dims=4, num_layers=4, emb_dim=16, use_viewdirs=True)
+    x = torch.randn(10, 3)
+    d1, d2 = torch.nn.functional.normalize(torch.randn(2, 10, 3), dim=-1)
+    (rgb1, s1), (rgb2, s2) = model(x, d1), model(x, d2)
+    assert torch.equal(s1, s2) and not torch.allclose(rgb1, rgb2)
+
+
+class Ball(torch.nn.Module):
+    """A stand-in model: density 50 inside a ball of radius 0.6 at the origin, zero outside."""
+
+    use_viewdirs = False
+
+    def forward(self, x, d=None):
+        return torch.full_like(x, 0.5), torch.where(x.norm(dim=-1) < 0.6, 50.0, 0.0)
+
+
+def test_occupancy_grid_keeps_dense_cells_and_culls_empty_ones():
+    grid = OccupancyGrid(bound=1.5, resolution=16, sigma_threshold=1.0)
+    grid.update(Ball(), generator=torch.Generator().manual_seed(0))
+    axis = (torch.arange(16) + 0.5) / 16 * 3.0 - 1.5
+    centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    half_diag = 3.0 / 16 * math.sqrt(3) / 2
+    occupied = grid.occupied(centres)
+    assert occupied[centres.norm(dim=-1) + half_diag < 0.6].all()  # wholly dense cells are never culled
+    assert not occupied[centres.norm(dim=-1) - half_diag > 0.6].any()  # wholly empty cells are culled
+    assert not grid.occupied(torch.tensor([[2.0, 0.0, 0.0]])).any()  # outside the cube: nothing to query
+
+
+class Blob(Ball):
+    """A solid object with a soft surface, as a trained NeRF of lego is: density 50 fading over ~0.05."""
+
+    def forward(self, x, d=None):
+        return torch.sigmoid(x * 3), 50.0 * torch.sigmoid((0.6 - x.norm(dim=-1)) / 0.02)
+
+
+def test_grid_skipping_leaves_the_render_of_a_smooth_scene_unchanged():
+    c2w = pose_spherical(40.0, -30.0, 4.0)
+    grid = OccupancyGrid(bound=1.5, resolution=32, sigma_threshold=-math.log(0.99) / (4.0 / 128))
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):  # training updates every 16 steps; each visit probes a new random point per cell
+        grid.update(Blob(), generator=gen)
+    (rgb, depth, acc) = render_image(Blob(), c2w, 24, 24, 30.0, 2.0, 6.0, 128, torch.zeros(3), chunk=256)
+    skipped = render_image(Blob(), c2w, 24, 24, 30.0, 2.0, 6.0, 128, torch.zeros(3), chunk=256, grid=grid)
+    assert acc.max() > 0.99 and grid.occupied(torch.rand(1000, 3) * 3 - 1.5).float().mean() < 0.1
+    # what is skipped is haze below alpha 0.01 per sample: only grazing rays through it change, a little
+    assert (rgb - skipped[0]).abs().max() < 0.05 and (rgb - skipped[0]).abs().mean() < 1e-3
+    assert (acc - skipped[2]).abs().max() < 0.05 and (depth - skipped[1]).abs().mean() < 0.01
+
+
+def test_a_fresh_grid_culls_nothing_inside_the_cube():
+    grid = OccupancyGrid(bound=1.5, resolution=8, sigma_threshold=1.0)
+    assert grid.occupied(torch.rand(100, 3) * 2.8 - 1.4).all()
+
+
+def test_density_is_alive_at_initialisation():
+    """A ReLU density that starts at zero everywhere never gets a gradient (it did for seed 0 with viewdirs)."""
+    x = torch.rand(20000, 3) * 3 - 1.5
+    d = torch.nn.functional.normalize(torch.randn(20000, 3), dim=-1)
+    for use_viewdirs in (False, True):
+        for seed in range(4):
+            torch.manual_seed(seed)
+            model = NeRF(pos_encode_dims=10, num_layers=8, emb_dim=64, use_viewdirs=use_viewdirs)
+            sigma = model(x, d if use_viewdirs else None)[1]
+            assert (sigma > 0).float().mean() > 0.9, (use_viewdirs, seed)

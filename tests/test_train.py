@@ -1,0 +1,143 @@
+"""The training loop end to end: learning, resuming, outputs, eval.py and bad input at the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from conftest import ROOT, SHARED_DATA
+from configs import EXP1, UserError
+
+
+def run_cli(*args, cwd=ROOT):
+    """Run a script of the repo; returns the completed process."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
+    cfg = {**small_cfg, "MAX_STEPS": 300, "EVAL_EVERY": 50, "EVAL_VIEWS": 4, "VIDEO_FRAMES": 3}
+    metrics = train.train(cfg)
+    first, last = metrics["history"][0]["psnr"], metrics["val_psnr"]
+    assert last > first + 4.0 and last > 19.0, (first, last)
+    out = cfg["OUT_DIR"]
+    for name in ("ckpt.pt", "config.json", "metrics.json", "video.mp4", "video.gif", "depth.mp4", "depth.gif"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    assert json.load(open(os.path.join(out, "config.json"))) == cfg
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 300 and set(ckpt) >= {"model", "optimizer", "generator", "config"}
+
+
+def test_resume_after_interruption_gives_the_same_parameters(small_cfg, tmp_path, monkeypatch):
+    straight = {**small_cfg, "OUT_DIR": str(tmp_path / "straight")}
+    train.train(straight)
+    expected = torch.load(os.path.join(straight["OUT_DIR"], "ckpt.pt"), weights_only=True)
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(ckpt, path):
+        real_save(ckpt, path)
+        if ckpt["step"] == 20:
+            raise KeyboardInterrupt  # killed right after the step-20 checkpoint
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(small_cfg)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    metrics = train.train(small_cfg)
+    resumed = torch.load(os.path.join(small_cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)
+    assert resumed["step"] == expected["step"] == 40
+    for k, v in expected["model"].items():
+        assert torch.equal(resumed["model"][k], v), k
+    assert metrics["val_psnr"] == json.load(open(os.path.join(straight["OUT_DIR"], "metrics.json")))["val_psnr"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(small_cfg, monkeypatch):
+    train.train({**small_cfg, "MAX_STEPS": 10})
+    path = os.path.join(small_cfg["OUT_DIR"], "ckpt.pt")
+    before = open(path, "rb").read()
+    real, calls = train.render_rays, []
+
+    def nan_from_the_second_call(*args, **kwargs):
+        rgb, depth, acc = real(*args, **kwargs)
+        calls.append(1)
+        return (rgb * float("nan") if len(calls) >= 2 else rgb), depth, acc
+
+    monkeypatch.setattr(train, "render_rays", nan_from_the_second_call)  # resumed at 10: step 12 goes bad
+    with pytest.raises(UserError, match="non-finite loss or gradient at step 12"):
+        train.train({**small_cfg, "MAX_STEPS": 30})
+    assert open(path, "rb").read() == before
+
+
+def test_eval_prints_one_json_line(small_cfg):
+    metrics = train.train(small_cfg)
+    res = run_cli("eval.py", small_cfg["OUT_DIR"], "--data=synthetic")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["views"] == 4 and out["split"] == "val"
+    assert out["psnr"] == pytest.approx(metrics["val_psnr"], abs=1e-3) and 0 < out["ssim"] <= 1
+    assert len(res.stdout.strip().splitlines()) == 1
+
+
+def test_eval_saves_renders_of_every_view(small_cfg, tmp_path):
+    train.train({**small_cfg, "MAX_STEPS": 5})
+    res = run_cli("eval.py", os.path.join(small_cfg["OUT_DIR"], "ckpt.pt"), "--data=synthetic", "--split=all",
+                  f"--out={tmp_path / 'renders'}")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["views"] == 40 and len(os.listdir(tmp_path / "renders")) == 80
+
+
+def one_line_error(res, words):
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and words in lines[-1], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+FAST = ["--data=synthetic", "--compile=false", "--wandb=disabled", "--video_frames=0", "--max_steps=2",
+        "--emb_dim=16", "--num_layers=2", "--eval_every=0"]
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    one_line_error(run_cli("exp1.py", "--bogus=3"), "unknown key --bogus")
+    one_line_error(run_cli("exp1.py", "--num_samples=0"), "must be > 0")
+    one_line_error(run_cli("exp1.py", "--data=/no/such/file.npz", f"--out_dir={tmp_path / 'a'}"), "data not found")
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    one_line_error(run_cli("exp1.py", *FAST, f"--out_dir={blocker / 'sub'}"), "cannot write to --out_dir")
+    assert blocker.read_text() == "keep me"
+    one_line_error(run_cli("exp2.py", *FAST, f"--out_dir={tmp_path / 'b'}"), "not implemented yet")
+    one_line_error(run_cli("eval.py", str(tmp_path / "none")), "no checkpoint at")
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"not a checkpoint")
+    one_line_error(run_cli("exp1.py", *FAST, f"--out_dir={out}"), "not a readable checkpoint")
+    assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"
+    other = tmp_path / "other"
+    assert run_cli("exp1.py", *FAST, f"--out_dir={other}").returncode == 0
+    before = (other / "ckpt.pt").read_bytes()
+    one_line_error(run_cli("exp1.py", *FAST, "--emb_dim=32", f"--out_dir={other}"), "model of another shape")
+    assert (other / "ckpt.pt").read_bytes() == before
+
+
+def test_wandb_offline_without_a_key_writes_a_local_run(small_cfg, monkeypatch, tmp_path):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, so 'auto' must go offline
+    cfg = {**small_cfg, "WANDB": "auto", "MAX_STEPS": 10, "EVAL_EVERY": 5}
+    train.train(cfg)
+    runs = [d for d in os.listdir(os.path.join(cfg["OUT_DIR"], "wandb")) if d.startswith("offline-run")]
+    assert len(runs) == 1
+
+
+def test_lego_tiny_psnr_rises(lego_tiny, small_cfg):
+    """Real data: a minute of training clearly beats the untrained model on held-out lego views."""
+    cfg = {**small_cfg, "DATA": lego_tiny, "MAX_STEPS": 400, "EVAL_EVERY": 50, "EVAL_VIEWS": 2,
+           "NUM_LAYERS": 8, "NUM_SAMPLES": 64, "BATCH_SIZE": 1024, "CHUNK": 4096}
+    metrics = train.train(cfg)
+    assert metrics["val_psnr"] > 17.0 and metrics["val_psnr"] > metrics["history"][0]["psnr"] + 3.0, metrics

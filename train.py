@@ -1,0 +1,323 @@
+"""The one training loop every experiment runs: `python expN.py [--key=value ...]`."""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from configs import NOT_IMPLEMENTED, ConfigError, UserError, apply_overrides
+from dataset import load_scene, sample_batch
+from nerf import NeRF, model_kwargs
+from utils import (OccupancyGrid, colorize_depth, pose_spherical, psnr, render_image, render_rays, ssim, to_uint8,
+                   write_video)
+
+GRID_EVERY = 16  # steps between occupancy-grid updates
+GRID_FULL_UNTIL = 256  # before this step every update visits every cell; after it, a random quarter
+
+
+def resolve_device(name):
+    """'auto' -> cuda when present, else cpu; asking for cuda without one is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda but no CUDA device is visible; use --device=cpu or --device=auto")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def progress(cfg, step, seconds):
+    """Fraction of training done: by steps, or by time when a time budget would end it sooner."""
+    p = step / cfg["MAX_STEPS"]
+    if cfg["TIME_BUDGET_S"] > 0:
+        p = max(p, seconds / cfg["TIME_BUDGET_S"])
+    return min(p, 1.0)
+
+
+def learning_rate(cfg, step, frac):
+    """Linear warm-up, then cosine decay from LR to MIN_LR over the run's progress."""
+    if step < cfg["WARMUP_STEPS"]:
+        return cfg["LR"] * (step + 1) / cfg["WARMUP_STEPS"]
+    return cfg["MIN_LR"] + 0.5 * (cfg["LR"] - cfg["MIN_LR"]) * (1 + math.cos(math.pi * frac))
+
+
+def save_checkpoint(ckpt, path):
+    """torch.save through a temp file in the same directory, fsynced, then renamed over the old one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint dict loaded with weights_only=True, or a UserError saying what to do."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["model"], ckpt["config"]  # noqa: B018 - a dict without these is not ours
+    except Exception as e:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                        "delete it to start over, or pick another --out_dir") from None
+    return ckpt
+
+
+def build_model(cfg, device):
+    """The NeRF a config describes, on device, seeded for a reproducible init."""
+    torch.manual_seed(cfg["SEED"])
+    return NeRF(**model_kwargs(cfg)).to(device)
+
+
+def checkpoint_shape(cfg):
+    """What a checkpoint must match to be resumed or evaluated: the model's and the grid's shapes."""
+    return {**model_kwargs(cfg), "grid_res": cfg["GRID_RES"] if cfg["OCC_GRID"] else None}
+
+
+def build_grid(cfg, scene, device):
+    """The occupancy grid a config asks for (or None); a cell counts as empty below alpha 0.01 per sample."""
+    if not cfg["OCC_GRID"]:
+        return None
+    step = (scene.far - scene.near) / cfg["NUM_SAMPLES"]
+    return OccupancyGrid(cfg["SCENE_BOUND"], cfg["GRID_RES"], -math.log(1 - 0.01) / step).to(device)
+
+
+def render_view(model, c2w, views, scene, cfg, grid):
+    """Render the camera c2w at a split's resolution and the config's sample count."""
+    H, W = views.hw
+    return render_image(model, c2w, H, W, views.focal, scene.near, scene.far,
+                        cfg["NUM_SAMPLES"], scene.background, cfg["CHUNK"], grid)
+
+
+def evaluate_views(model, views, scene, cfg, grid, n_views=None, save_dir=None):
+    """Mean per-view PSNR and SSIM over the first n_views of a split (all by default), plus view 0's renders.
+
+    With save_dir, each render and its colourised depth are also written there as PNG.
+    """
+    import imageio.v2 as imageio
+
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    model.eval()
+    scores, first = [], None
+    for k in range(len(views.images) if n_views is None else min(n_views, len(views.images))):
+        rgb, depth, _ = render_view(model, views.poses[k], views, scene, cfg, grid)
+        target = views.images[k]
+        scores.append((psnr(rgb, target), ssim(rgb, target)))
+        first = first or (rgb, target, depth)
+        if save_dir:
+            imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
+            imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), colorize_depth(depth, scene.near, scene.far))
+    model.train()
+    return {"psnr": sum(s[0] for s in scores) / len(scores), "ssim": sum(s[1] for s in scores) / len(scores),
+            "views": len(scores)}, first
+
+
+def render_videos(model, views, scene, cfg, grid, out_dir):
+    """The 360-degree orbit (rgb and colourised depth) written as mp4 and gif; returns the rgb mp4 path."""
+    radius = views.poses[:, :3, 3].norm(dim=-1).mean().item()
+    rgb_frames, depth_frames = [], []
+    model.eval()
+    for theta in torch.linspace(0.0, 360.0, cfg["VIDEO_FRAMES"] + 1)[:-1].tolist():
+        c2w = pose_spherical(theta, -30.0, radius).to(views.poses.device)
+        rgb, depth, acc = render_view(model, c2w, views, scene, cfg, grid)
+        rgb_frames.append(to_uint8(rgb))
+        depth_frames.append(colorize_depth(torch.where(acc > 0.5, depth / acc.clamp_min(1e-6), scene.far),
+                                           scene.near, scene.far))
+    model.train()
+    for name, frames in (("video", rgb_frames), ("depth", depth_frames)):
+        for ext in ("mp4", "gif"):
+            write_video(frames, os.path.join(out_dir, f"{name}.{ext}"))
+    return os.path.join(out_dir, "video.mp4")
+
+
+def open_wandb(cfg, out_dir, run_id=None):
+    """A wandb run (imported lazily), or None; 'auto' goes offline without an API key and never hangs."""
+    mode = cfg["WANDB"]
+    if mode == "disabled":
+        return None
+    import wandb
+
+    if mode == "auto":
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc")) and \
+            "api.wandb.ai" in open(os.path.expanduser("~/.netrc")).read()
+        mode = "online" if has_key else "offline"
+    try:
+        return wandb.init(project=cfg["WANDB_PROJECT"], name=cfg["EXPERIMENT"], config=cfg, dir=out_dir,
+                          mode=mode, id=run_id, resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60, silent=True))
+    except Exception as e:  # a logging service must never stop training
+        print(f"notice: wandb could not start ({type(e).__name__}: {e}); continuing without it", file=sys.stderr)
+        return None
+
+
+def log_images(run, step, first):
+    """Predicted vs target image and the depth map of one validation view, as uint8 (floats show black)."""
+    import wandb
+
+    rgb, target, depth = first
+    run.log({"val/pred": wandb.Image(to_uint8(rgb)), "val/target": wandb.Image(to_uint8(target)),
+             "val/depth": wandb.Image(colorize_depth(depth, depth.min().item(), depth.max().item()))}, step=step)
+
+
+def prepare_out_dir(cfg):
+    """Create OUT_DIR and prove it is writable before any training time is spent."""
+    out_dir = cfg["OUT_DIR"]
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to --out_dir={out_dir} ({e.strerror}); pick a writable directory") from None
+    return out_dir
+
+
+def write_json(obj, path):
+    """JSON through a temp file and a rename."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def train(cfg):
+    """Train (or resume) the experiment a config describes; returns the final metrics dict."""
+    from tqdm import tqdm
+
+    if cfg["EXPERIMENT"] in NOT_IMPLEMENTED:
+        raise UserError(f"{cfg['EXPERIMENT']} is not implemented yet ({NOT_IMPLEMENTED[cfg['EXPERIMENT']]}); "
+                        "run exp1.py")
+    device = resolve_device(cfg["DEVICE"])
+    out_dir = prepare_out_dir(cfg)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
+    if ckpt is not None and checkpoint_shape(ckpt["config"]) != checkpoint_shape(cfg):
+        raise UserError(f"{ckpt_path} holds a model of another shape ({checkpoint_shape(ckpt['config'])}); "
+                        "pick another --out_dir or delete it")
+    scene = load_scene(cfg["DATA"], cfg["DOWNSCALE"], cfg["WHITE_BKGD"])
+    train_views, val_views = scene.splits["train"], scene.splits["val"]
+    for v in (train_views, val_views):
+        v.images, v.poses = v.images.to(device), v.poses.to(device)
+    scene.background = scene.background.to(device)
+    write_json(cfg, os.path.join(out_dir, "config.json"))
+
+    model = build_model(cfg, device)
+    grid = build_grid(cfg, scene, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"],
+                                  amsgrad=cfg["AMSGRAD"])
+    generator = torch.Generator(device=device)
+    generator.manual_seed(cfg["SEED"])
+    step, train_s, history = 0, 0.0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        generator.set_state(ckpt["generator"].to(generator.get_state().device))
+        if grid is not None:
+            grid.load_state_dict(ckpt["grid"])
+        step, train_s, history = ckpt["step"], ckpt["train_seconds"], ckpt["history"]
+        print(f"resuming {ckpt_path} at step {step} ({train_s:.0f} s trained)", file=sys.stderr)
+
+    def checkpoint():
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "config": cfg, "generator": generator.get_state(), "train_seconds": train_s,
+                         "grid": grid.state_dict() if grid is not None else None, "history": history,
+                         "wandb_id": run.id if run else None}, ckpt_path)
+
+    net = torch.compile(model, dynamic=True) if cfg["COMPILE"] else model  # the grid varies the batch size
+    compile_s = 0.0
+    if cfg["COMPILE"]:  # compile the training and rendering graphs up front so neither is billed as training
+        t0 = time.perf_counter()
+        for n, grad in ((cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"], True), (cfg["CHUNK"] * cfg["NUM_SAMPLES"], False)):
+            dummy = torch.zeros(n, 3, device=device)
+            with torch.set_grad_enabled(grad):
+                out = net(dummy, dummy if cfg["USE_VIEWDIRS"] else None)
+            if grad:
+                sum(o.sum() for o in out).backward()
+        model.zero_grad(set_to_none=True)
+        compile_s = time.perf_counter() - t0
+        print(f"compiled in {compile_s:.1f} s", file=sys.stderr)
+
+    run = open_wandb(cfg, out_dir, ckpt.get("wandb_id") if ckpt else None)
+    done = lambda: step >= cfg["MAX_STEPS"] or 0 < cfg["TIME_BUDGET_S"] <= train_s  # noqa: E731
+    bar = tqdm(total=cfg["MAX_STEPS"], initial=step, desc=cfg["EXPERIMENT"], dynamic_ncols=True,
+               disable=None)
+    rays_per_s = 0.0
+    while not done():
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg, step, progress(cfg, step, train_s))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if grid is not None and step % GRID_EVERY == 0 and step > 0:
+            grid.update(model, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=generator)
+        rays, target = sample_batch(train_views, cfg["BATCH_SIZE"], generator)
+        rgb, _, _ = render_rays(net, rays, scene.near, scene.far, cfg["NUM_SAMPLES"], scene.background, generator,
+                                grid)
+        loss = F.mse_loss(rgb, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"] or float("inf"))
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise UserError(f"non-finite loss or gradient at step {step + 1}; the last good checkpoint is kept in "
+                            f"{ckpt_path}; lower --lr or set --grad_clip")
+        optimizer.step()
+        step += 1
+        dt = time.perf_counter() - t0
+        train_s += dt
+        rays_per_s = cfg["BATCH_SIZE"] / dt if rays_per_s == 0 else 0.9 * rays_per_s + 0.1 * cfg["BATCH_SIZE"] / dt
+        if step % cfg["LOG_EVERY"] == 0 or done():
+            stats = {"train/loss": loss.item(), "train/psnr": -10 * math.log10(max(loss.item(), 1e-10)),
+                     "train/grad_norm": grad_norm.item(), "train/lr": lr, "train/rays_per_s": rays_per_s}
+            bar.set_postfix(loss=f"{stats['train/loss']:.4f}", psnr=f"{stats['train/psnr']:.2f}",
+                            rays_s=f"{rays_per_s:.0f}")
+            if run:
+                run.log(stats, step=step)
+        bar.update(1)
+        if cfg["EVAL_EVERY"] and step % cfg["EVAL_EVERY"] == 0 and not done():
+            scores, first = evaluate_views(net, val_views, scene, cfg, grid, cfg["EVAL_VIEWS"])
+            history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
+            bar.write(f"step {step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
+                      f"({scores['views']} views, {train_s:.0f} s)")
+            if run:
+                run.log({"val/psnr": scores["psnr"], "val/ssim": scores["ssim"]}, step=step)
+                log_images(run, step, first)
+        if step % cfg["CKPT_EVERY"] == 0 and not done():
+            checkpoint()
+    bar.close()
+    checkpoint()
+
+    t0 = time.perf_counter()
+    scores, first = evaluate_views(net, val_views, scene, cfg, grid)
+    history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
+    metrics = {"experiment": cfg["EXPERIMENT"], "val_psnr": scores["psnr"], "val_ssim": scores["ssim"],
+               "val_views": scores["views"], "steps": step, "train_seconds": round(train_s, 2),
+               "compile_seconds": round(compile_s, 2), "eval_seconds": round(time.perf_counter() - t0, 2),
+               "rays_per_s": round(step * cfg["BATCH_SIZE"] / max(train_s, 1e-9), 1),
+               "samples_per_s": round(step * cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"] / max(train_s, 1e-9), 1),
+               "device": str(device), "history": history}
+    print(f"final: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} on {scores['views']} views "
+          f"after {step} steps, {train_s:.0f} s", file=sys.stderr)
+    if cfg["VIDEO_FRAMES"]:
+        t0 = time.perf_counter()
+        video = render_videos(net, val_views, scene, cfg, grid, out_dir)
+        metrics["video_seconds"] = round(time.perf_counter() - t0, 2)
+        if run:
+            import wandb
+
+            run.log({"video": wandb.Video(video, format="mp4")}, step=step)
+    write_json(metrics, os.path.join(out_dir, "metrics.json"))
+    if run:
+        run.log({"val/psnr": scores["psnr"], "val/ssim": scores["ssim"]}, step=step)
+        log_images(run, step, first)
+        run.finish()
+    return metrics
+
+
+def main(preset, argv=None):
+    """Command-line entry: parse overrides, train, and turn bad input into one line on stderr + exit 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        train(apply_overrides(preset, [a for a in argv if a != "--debug"]))
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

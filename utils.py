@@ -1,0 +1,181 @@
+"""Rays, sampling, volume rendering, metrics, camera paths and video writing."""
+import math
+import os
+from collections import namedtuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+Rays = namedtuple("Rays", ["origins", "viewdirs"])
+
+
+def pixel_directions(i, j, H, W, focal):
+    """Camera-frame unit directions through pixel centres (column i, row j); OpenGL: -z forward, +y up."""
+    d = torch.stack([(i + 0.5 - W / 2) / focal, -(j + 0.5 - H / 2) / focal, -torch.ones_like(i)], dim=-1)
+    return d / d.norm(dim=-1, keepdim=True)
+
+
+def rays_for_pixels(c2w, i, j, H, W, focal):
+    """World-space rays through pixels (i, j) of cameras c2w (..., 4, 4) broadcast against i and j."""
+    d = pixel_directions(i.to(c2w.dtype), j.to(c2w.dtype), H, W, focal)
+    dirs = (c2w[..., :3, :3] @ d[..., None])[..., 0]
+    return Rays(c2w[..., :3, 3].expand_as(dirs), dirs)
+
+
+def get_rays(c2w, H, W, focal):
+    """All H*W rays of one camera, row-major, as a Rays of (H*W, 3) tensors."""
+    j, i = torch.meshgrid(torch.arange(H, device=c2w.device), torch.arange(W, device=c2w.device), indexing="ij")
+    return rays_for_pixels(c2w, i.reshape(-1), j.reshape(-1), H, W, focal)
+
+
+def sample_along_rays(rays, near, far, num_samples, generator=None):
+    """Stratified depths (R, S): one uniform sample per bin when a generator is given, bin centres otherwise."""
+    R = rays.origins.shape[0]
+    bins = torch.arange(num_samples, device=rays.origins.device, dtype=rays.origins.dtype).expand(R, num_samples)
+    if generator is None:
+        u = torch.full_like(bins, 0.5)
+    else:
+        u = torch.rand(bins.shape, generator=generator, device=bins.device, dtype=bins.dtype)
+    return near + (far - near) * (bins + u) / num_samples
+
+
+def volume_render(rgb, sigma, t, far, background):
+    """Composite samples (R, S) front to back; returns rgb (R, 3), depth (R,), opacity (R,).
+
+    Each sample stands for the segment up to the next one (the last one up to `far`). Transmittance is
+    the *exclusive* product: a sample is attenuated by what lies before it, not by itself.
+    """
+    deltas = torch.diff(t, dim=-1, append=torch.full_like(t[..., :1], far))
+    tau = sigma * deltas
+    alpha = 1.0 - torch.exp(-tau)
+    trans = torch.exp(-(torch.cumsum(tau, dim=-1) - tau))
+    weights = alpha * trans
+    acc = weights.sum(-1)
+    out_rgb = (weights[..., None] * rgb).sum(-2) + (1.0 - acc)[..., None] * background
+    depth = (weights * t).sum(-1)
+    return out_rgb, depth, acc
+
+
+class OccupancyGrid(nn.Module):
+    """Which cells of the cube [-bound, bound]^3 may hold density (as in nerfacc / instant-ngp).
+
+    Samples in empty cells, or outside the cube, get zero density without querying the model. Every
+    cell starts occupied; `update` replaces the cells it visits with max(decay * old, measured density).
+    """
+
+    def __init__(self, bound, resolution, sigma_threshold):
+        super().__init__()
+        self.bound, self.resolution, self.sigma_threshold = bound, resolution, sigma_threshold
+        self.register_buffer("density", torch.full((resolution,) * 3, float("inf")))
+
+    def cell_index(self, pts):
+        """Flat cell index of each point (clamped to the cube) and whether it lies inside the cube."""
+        u = (pts + self.bound) / (2 * self.bound) * self.resolution
+        inside = ((u >= 0) & (u < self.resolution)).all(-1)
+        ijk = u.long().clamp(0, self.resolution - 1)
+        return (ijk[..., 0] * self.resolution + ijk[..., 1]) * self.resolution + ijk[..., 2], inside
+
+    def threshold(self):
+        """Cells above this are occupied; the mean caps it so a young, faint model is not culled away."""
+        finite = self.density[torch.isfinite(self.density)]
+        return min(self.sigma_threshold, finite.mean().item()) if finite.numel() else self.sigma_threshold
+
+    def occupied(self, pts):
+        """Boolean mask of points that must be sent to the model."""
+        idx, inside = self.cell_index(pts)
+        return inside & (self.density.view(-1)[idx] > self.threshold())
+
+    @torch.no_grad()
+    def update(self, model, fraction=1.0, decay=0.95, generator=None, chunk=65536):
+        """Measure the model's density at a jittered point in a random `fraction` of the cells."""
+        n = self.resolution ** 3
+        dev = self.density.device
+        cells = torch.randperm(n, generator=generator, device=dev)[: max(1, int(n * fraction))]
+        ijk = torch.stack([cells // self.resolution ** 2, cells // self.resolution % self.resolution,
+                           cells % self.resolution], -1)
+        jitter = torch.rand(ijk.shape, generator=generator, device=dev)
+        pts = (ijk + jitter) / self.resolution * 2 * self.bound - self.bound
+        measured = torch.cat([model(p, torch.zeros_like(p) if model.use_viewdirs else None)[1].float()
+                              for p in pts.split(chunk)])
+        flat = self.density.view(-1)
+        old = flat[cells]
+        flat[cells] = torch.maximum(torch.where(torch.isfinite(old), old * decay, 0.0), measured)
+
+
+def render_rays(model, rays, near, far, num_samples, background, generator=None, grid=None):
+    """Sample, query the model (only where the occupancy grid says there may be density) and composite."""
+    t = sample_along_rays(rays, near, far, num_samples, generator)
+    pts = rays.origins[:, None, :] + rays.viewdirs[:, None, :] * t[..., None]
+    keep = grid.occupied(pts) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    dirs = rays.viewdirs[:, None, :].expand_as(pts)[keep] if model.use_viewdirs else None
+    rgb_kept, sigma_kept = model(pts[keep], dirs)
+    rgb = torch.zeros(*t.shape, 3, device=t.device, dtype=torch.float32).index_put((keep,), rgb_kept.float())
+    sigma = torch.zeros(t.shape, device=t.device, dtype=torch.float32).index_put((keep,), sigma_kept.float())
+    return volume_render(rgb, sigma, t, far, background)
+
+
+@torch.no_grad()
+def render_image(model, c2w, H, W, focal, near, far, num_samples, background, chunk, grid=None):
+    """Render one view in fixed-size chunks (memory independent of image size); rgb (H,W,3), depth, opacity."""
+    rays = get_rays(c2w, H, W, focal)
+    outs = [render_rays(model, Rays(o, d), near, far, num_samples, background, grid=grid)
+            for o, d in zip(rays.origins.split(chunk), rays.viewdirs.split(chunk))]
+    rgb, depth, acc = (torch.cat(x) for x in zip(*outs))
+    return rgb.reshape(H, W, 3), depth.reshape(H, W), acc.reshape(H, W)
+
+
+def psnr(pred, target):
+    """Peak signal-to-noise ratio in dB of images in [0, 1]."""
+    return -10.0 * math.log10(max(torch.mean((pred - target) ** 2).item(), 1e-10))
+
+
+def ssim(pred, target):
+    """Structural similarity of two (H, W, 3) images in [0, 1] (torchmetrics, Gaussian window)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    to_nchw = lambda x: x.permute(2, 0, 1)[None].float().clamp(0, 1)  # noqa: E731
+    return structural_similarity_index_measure(to_nchw(pred), to_nchw(target), data_range=1.0).item()
+
+
+def pose_spherical(theta, phi, radius):
+    """Camera-to-world matrix on a sphere looking at the origin (degrees), as in the NeRF authors' code."""
+    th, ph = math.radians(theta), math.radians(phi)
+    trans = torch.eye(4)
+    trans[2, 3] = radius
+    rot_phi = torch.tensor([[1, 0, 0, 0], [0, math.cos(ph), -math.sin(ph), 0],
+                            [0, math.sin(ph), math.cos(ph), 0], [0, 0, 0, 1]], dtype=torch.float32)
+    rot_theta = torch.tensor([[math.cos(th), 0, -math.sin(th), 0], [0, 1, 0, 0],
+                              [math.sin(th), 0, math.cos(th), 0], [0, 0, 0, 1]], dtype=torch.float32)
+    swap = torch.tensor([[-1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 0, 0, 1]], dtype=torch.float32)
+    return swap @ rot_theta @ rot_phi @ trans
+
+
+def to_uint8(img):
+    """Float image in [0, 1] -> uint8 numpy (wandb and imageio want uint8; floats show as black)."""
+    return (img.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def colorize_depth(depth, near, far):
+    """Depth (H, W) -> uint8 RGB with Google's polynomial approximation of the turbo colormap."""
+    x = ((depth.detach().float().cpu().numpy() - near) / (far - near)).clip(0, 1)[..., None]
+    powers = np.concatenate([x ** k for k in range(6)], axis=-1)
+    coeffs = np.array([
+        [0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
+        [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
+        [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
+    ])
+    return (powers @ coeffs.T * 255 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def write_video(frames, path, fps=30):
+    """Write uint8 frames to mp4 or gif (by extension) through a temp file, so a crash leaves no half file."""
+    import imageio.v2 as imageio
+
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp{ext}"
+    if ext == ".gif":
+        imageio.mimwrite(tmp, frames, duration=1000 / fps, loop=0)
+    else:
+        imageio.mimwrite(tmp, frames, fps=fps, quality=8, macro_block_size=2)
+    os.replace(tmp, path)

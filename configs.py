@@ -37,7 +37,7 @@ EXP1 = {
     "WEIGHT_DECAY": 0.0,         # AdamW decoupled weight decay
     "AMSGRAD": False,            # AdamW's AMSGrad variant
     "GRAD_CLIP": 0.0,            # clip the gradient norm to this (0 = off; the norm is logged either way)
-    "MAX_STEPS": 10000,          # training steps; the LR schedule spans them (or TIME_BUDGET_S if that ends first)
+    "MAX_STEPS": 7000,           # training steps; the LR schedule spans them (or TIME_BUDGET_S if that ends first)
     "TIME_BUDGET_S": 0.0,        # stop training after this many seconds, then evaluate (0 = off)
     "SEED": 0,                   # seeds the model init, the ray batches and the sample jitter
     "DEVICE": "auto",            # 'auto' (cuda if present), 'cpu' or 'cuda'

@@ -117,7 +117,7 @@ def render_rays(model, rays, near, far, num_samples, background, generator=None,
 
 @torch.no_grad()
 def render_image(model, c2w, H, W, focal, near, far, num_samples, background, chunk, grid=None):
-    """Render one view in fixed-size chunks (memory independent of image size); rgb (H,W,3), depth, opacity."""
+    """Render one view CHUNK rays at a time (memory independent of image size); rgb (H,W,3), depth, opacity."""
     rays = get_rays(c2w, H, W, focal)
     outs = [render_rays(model, Rays(o, d), near, far, num_samples, background, grid=grid)
             for o, d in zip(rays.origins.split(chunk), rays.viewdirs.split(chunk))]

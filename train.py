@@ -129,6 +129,17 @@ def render_videos(model, views, scene, cfg, grid, out_dir):
     return os.path.join(out_dir, "video.mp4")
 
 
+def has_wandb_key():
+    """Whether a W&B API key is configured: $WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc."""
+    netrc = os.path.expanduser("~/.netrc")
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    if not os.path.exists(netrc):
+        return False
+    with open(netrc) as f:
+        return "api.wandb.ai" in f.read()
+
+
 def open_wandb(cfg, out_dir, run_id=None):
     """A wandb run (imported lazily), or None; 'auto' goes offline without an API key and never hangs."""
     mode = cfg["WANDB"]
@@ -137,9 +148,7 @@ def open_wandb(cfg, out_dir, run_id=None):
     import wandb
 
     if mode == "auto":
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc")) and \
-            "api.wandb.ai" in open(os.path.expanduser("~/.netrc")).read()
-        mode = "online" if has_key else "offline"
+        mode = "online" if has_wandb_key() else "offline"
     try:
         return wandb.init(project=cfg["WANDB_PROJECT"], name=cfg["EXPERIMENT"], config=cfg, dir=out_dir,
                           mode=mode, id=run_id, resume="allow" if run_id else None, settings=wandb.Settings(init_timeout=60, silent=True))

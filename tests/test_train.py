@@ -141,3 +141,16 @@ def test_lego_tiny_psnr_rises(lego_tiny, small_cfg):
            "NUM_LAYERS": 8, "NUM_SAMPLES": 64, "BATCH_SIZE": 1024, "CHUNK": 4096}
     metrics = train.train(cfg)
     assert metrics["val_psnr"] > 17.0 and metrics["val_psnr"] > metrics["history"][0]["psnr"] + 3.0, metrics
+
+
+def test_wandb_key_is_found_in_the_environment_or_netrc(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not train.has_wandb_key()
+    (tmp_path / ".netrc").write_text("machine example.org\n  login x\n")
+    assert not train.has_wandb_key()
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    assert train.has_wandb_key()
+    monkeypatch.setenv("WANDB_API_KEY", "from-the-environment")
+    (tmp_path / ".netrc").unlink()
+    assert train.has_wandb_key()

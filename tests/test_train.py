@@ -154,3 +154,30 @@ def test_wandb_key_is_found_in_the_environment_or_netrc(monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_API_KEY", "from-the-environment")
     (tmp_path / ".netrc").unlink()
     assert train.has_wandb_key()
+
+
+def test_sigkill_at_a_random_moment_then_rerun_ends_like_an_uninterrupted_run(tmp_path):
+    """A real SIGKILL (no cleanup runs) after the first checkpoint; the same command then finishes the job."""
+    import random
+    import signal
+    import time
+
+    args = [*FAST, "--emb_dim=32", "--num_layers=4", "--max_steps=150", "--ckpt_every=20", "--batch_size=256"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert run_cli("exp1.py", *args, f"--out_dir={straight}").returncode == 0
+    proc = subprocess.Popen([sys.executable, "exp1.py", *args, f"--out_dir={killed}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0, 0.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert torch.load(killed / "ckpt.pt", weights_only=True)["step"] < 150  # it really was cut short
+    res = run_cli("exp1.py", *args, f"--out_dir={killed}")
+    assert res.returncode == 0, res.stderr
+    a = torch.load(straight / "ckpt.pt", weights_only=True)
+    b = torch.load(killed / "ckpt.pt", weights_only=True)
+    assert a["step"] == b["step"] == 150
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k

@@ -68,6 +68,7 @@ class OccupancyGrid(nn.Module):
         super().__init__()
         self.bound, self.resolution, self.sigma_threshold = bound, resolution, sigma_threshold
         self.register_buffer("density", torch.full((resolution,) * 3, float("inf")))
+        self.register_buffer("mask", torch.ones(resolution ** 3, dtype=torch.bool), persistent=False)
 
     def cell_index(self, pts):
         """Flat cell index of each point (clamped to the cube) and whether it lies inside the cube."""
@@ -81,10 +82,20 @@ class OccupancyGrid(nn.Module):
         finite = self.density[torch.isfinite(self.density)]
         return min(self.sigma_threshold, finite.mean().item()) if finite.numel() else self.sigma_threshold
 
+    def refresh(self):
+        """Recompute the occupied cells; density changes only in update and load_state_dict."""
+        self.mask = self.density.view(-1) > self.threshold()
+
+    def load_state_dict(self, state_dict, strict=True):
+        """Load the density, then derive the occupied cells from it."""
+        result = super().load_state_dict(state_dict, strict)
+        self.refresh()
+        return result
+
     def occupied(self, pts):
         """Boolean mask of points that must be sent to the model."""
         idx, inside = self.cell_index(pts)
-        return inside & (self.density.view(-1)[idx] > self.threshold())
+        return inside & self.mask[idx]
 
     @torch.no_grad()
     def update(self, model, fraction=1.0, decay=0.95, generator=None, chunk=65536):
@@ -101,6 +112,7 @@ class OccupancyGrid(nn.Module):
         flat = self.density.view(-1)
         old = flat[cells]
         flat[cells] = torch.maximum(torch.where(torch.isfinite(old), old * decay, 0.0), measured)
+        self.refresh()
 
 
 def render_rays(model, rays, near, far, num_samples, background, generator=None, grid=None):

@@ -16,7 +16,8 @@ EXP1 = {
     "DOWNSCALE": 1,              # nerf_synthetic only: integer image downscale (800 px / 8 = 100 px)
     "WHITE_BKGD": False,         # nerf_synthetic only: composite RGBA over white instead of black
     "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume
-    # model (nerf.py)
+    # model (nerf.py, bitnerf.py)
+    "MODEL": "nerf",             # 'nerf' (fp32 weights) or 'bitnerf' (RMSNorm + BitNet b1.58 ternary QAT, ternary export)
     "POS_ENCODE_DIMS": 10,       # positional-encoding frequencies of xyz (input itself included on top)
     "NUM_LAYERS": 8,             # hidden ReLU layers; the encoded input is concatenated back every 4
     "EMB_DIM": 64,               # width of each hidden layer
@@ -25,6 +26,7 @@ EXP1 = {
     "DENSITY_ACT": "relu",       # density activation: 'relu' (the seed's) or 'softplus' (never dies; measured slower)
     # rendering (utils.py)
     "NUM_SAMPLES": 64,           # stratified samples per ray between the scene's near and far bounds
+    "NUM_FINE": 0,               # extra samples per ray drawn where a no-grad first pass found density (0 = one pass)
     "CHUNK": 4096,               # rays per forward pass when rendering whole images (memory, not results)
     "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training and rendering)
     "SCENE_BOUND": 1.5,          # the scene lies inside the cube [-SCENE_BOUND, SCENE_BOUND]^3 (grid extent)
@@ -36,11 +38,14 @@ EXP1 = {
     "WARMUP_STEPS": 100,         # linear warm-up steps
     "WEIGHT_DECAY": 0.0,         # AdamW decoupled weight decay
     "AMSGRAD": False,            # AdamW's AMSGrad variant
+    "FUSED_OPTIM": False,        # fused AdamW kernel where the device supports it (a notice and the plain one elsewhere)
+    "OPACITY_REG": 0.0,          # weight of mean(acc * (1 - acc)): pushes each ray to fully opaque or fully empty
     "GRAD_CLIP": 0.0,            # clip the gradient norm to this (0 = off; the norm is logged either way)
     "MAX_STEPS": 7000,           # training steps; the LR schedule spans them (or TIME_BUDGET_S if that ends first)
     "TIME_BUDGET_S": 0.0,        # stop training after this many seconds, then evaluate (0 = off)
     "SEED": 0,                   # seeds the model init, the ray batches and the sample jitter
     "DEVICE": "auto",            # 'auto' (cuda if present), 'cpu' or 'cuda'
+    "DTYPE": "float32",          # autocast dtype of the forward pass: float32 (off), bfloat16, float16 (CUDA only)
     "COMPILE": False,            # torch.compile the model; off: with the grid it measured slower (README)
     # evaluation and outputs
     "EVAL_EVERY": 250,           # validate every this many steps (0 = only at the end)
@@ -52,19 +57,23 @@ EXP1 = {
     "WANDB_PROJECT": "nerf-experiments",  # wandb project name
 }
 
-EXP2 = {**EXP1, "EXPERIMENT": "exp2", "OUT_DIR": "out/exp2"}  # BF16 autocast (issue 3)
-EXP3 = {**EXP1, "EXPERIMENT": "exp3", "OUT_DIR": "out/exp3"}  # more samples + reg. (issue 3)
-EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4"}  # BitNet QAT (issue 4)
+# exp2: the base NeRF under BF16 autocast, with the seed's AMSGrad and fused AdamW.
+EXP2 = {**EXP1, "EXPERIMENT": "exp2", "OUT_DIR": "out/exp2", "DTYPE": "bfloat16", "AMSGRAD": True,
+        "FUSED_OPTIM": True}
+# exp3: more samples per ray, spent where the density is (coarse -> fine), plus regularisation.
+EXP3 = {**EXP1, "EXPERIMENT": "exp3", "OUT_DIR": "out/exp3", "NUM_SAMPLES": 32, "NUM_FINE": 64}
+# exp4: BitNeRF, ternary hidden weights trained with BitNet b1.58 QAT; exported 2-bit packed at the end.
+EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4", "MODEL": "bitnerf"}
 EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5"}  # DDP (issue 5)
 EXP6 = {**EXP1, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6"}  # BitNet + DDP (issue 5)
 
 # Presets whose experiment lands with a later issue; running them says so instead of training exp1 again.
-NOT_IMPLEMENTED = {"exp2": "issue 3", "exp3": "issue 3", "exp4": "issue 4", "exp5": "issue 5", "exp6": "issue 5"}
+NOT_IMPLEMENTED = {"exp5": "issue 5", "exp6": "issue 5"}
 
-CHOICES = {"DENSITY_ACT": ("relu", "softplus"), "DEVICE": ("auto", "cpu", "cuda"), "WANDB": ("auto", "online", "offline", "disabled")}
+CHOICES = {"MODEL": ("nerf", "bitnerf"), "DENSITY_ACT": ("relu", "softplus"), "DTYPE": ("float32", "bfloat16", "float16"), "DEVICE": ("auto", "cpu", "cuda"), "WANDB": ("auto", "online", "offline", "disabled")}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES")
-NON_NEGATIVE = ("POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
+NON_NEGATIVE = ("NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
                 "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES")
 
 

@@ -1,6 +1,6 @@
 """Render every view of a split and print one JSON line of metrics.
 
-python eval.py RUN_DIR_OR_CKPT [--data=PATH] [--split=auto|all|train|val|test] [--out=DIR] [--device=auto]
+python eval.py RUN_DIR_OR_CKPT_OR_EXPORT [--data=PATH] [--split=auto|all|train|val|test] [--out=DIR] [--device=auto]
 """
 import argparse
 import json
@@ -8,9 +8,12 @@ import os
 import sys
 import time
 
-from configs import UserError
+from bitnerf import EXPORT_FORMAT, load_ternary
+from configs import EXP1, UserError
 from dataset import load_scene
-from train import build_grid, build_model, evaluate_views, load_checkpoint, resolve_device
+from nerf import model_kwargs
+from train import (autocast_context, build_grid, build_model, evaluate_views, load_checkpoint, rebuild_grid,
+                   resolve_device)
 
 
 def default_split(data, scene):
@@ -21,15 +24,19 @@ def default_split(data, scene):
 
 
 def run(args):
-    """Load the checkpoint and data, render, and return the metrics dict."""
+    """Load the checkpoint (or BitNeRF ternary export) and data, render, and return the metrics dict."""
     path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
     if not os.path.exists(path):
         raise UserError(f"no checkpoint at {path}; pass a run directory (holding ckpt.pt) or a .pt file")
     ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
+    cfg = {**EXP1, **ckpt["config"]}  # keys added since the checkpoint was written take their defaults
     device = resolve_device(args.device)
-    model = build_model(cfg, device)
-    model.load_state_dict(ckpt["model"])
+    exported = ckpt.get("format") == EXPORT_FORMAT
+    if exported:
+        model = load_ternary(ckpt, model_kwargs(cfg)).to(device)
+    else:
+        model = build_model(cfg, device)
+        model.load_state_dict(ckpt["model"])
     data = args.data or cfg["DATA"]
     scene = load_scene(data, cfg["DOWNSCALE"], cfg["WHITE_BKGD"])
     split = default_split(data, scene) if args.split == "auto" else args.split
@@ -38,13 +45,17 @@ def run(args):
     views = scene.splits[split]
     views.images, views.poses, scene.background = views.images.to(device), views.poses.to(device), \
         scene.background.to(device)
-    grid = build_grid(cfg, scene, device)
-    if grid is not None:
-        grid.load_state_dict(ckpt["grid"])
+    if exported:  # an export carries no occupancy grid: measure one from the model
+        grid = rebuild_grid(model, cfg, scene, device)
+    else:
+        grid = build_grid(cfg, scene, device)
+        if grid is not None:
+            grid.load_state_dict(ckpt["grid"])
     t0 = time.perf_counter()
-    scores, _ = evaluate_views(model, views, scene, cfg, grid, save_dir=args.out)
+    scores, _ = evaluate_views(model, views, scene, cfg, grid, autocast_context(cfg, device), save_dir=args.out)
     return {"psnr": round(scores["psnr"], 4), "ssim": round(scores["ssim"], 4), "views": scores["views"],
-            "seconds": round(time.perf_counter() - t0, 2), "split": split, "step": ckpt["step"]}
+            "seconds": round(time.perf_counter() - t0, 2), "split": split, "step": ckpt.get("step"),
+            "exported": exported}
 
 
 def main(argv=None):

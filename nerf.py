@@ -29,10 +29,10 @@ class NeRF(nn.Module):
         self.density_act = {"relu": F.relu, "softplus": F.softplus}[density_act]
         self.pos_encode_dims, self.dir_encode_dims = pos_encode_dims, dir_encode_dims
         self.use_viewdirs = use_viewdirs
-        in_dim = encoded_dim(pos_encode_dims)
+        self.in_dim = in_dim = self.input_width(encoded_dim(pos_encode_dims))
         self.skips = {i for i in range(4, num_layers, 4)}
         self.layers = nn.ModuleList(
-            nn.Linear(emb_dim + (in_dim if i in self.skips else 0) if i else in_dim, emb_dim)
+            self.hidden_layer(emb_dim + (in_dim if i in self.skips else 0) if i else in_dim, emb_dim)
             for i in range(num_layers)
         )
         if use_viewdirs:
@@ -45,9 +45,18 @@ class NeRF(nn.Module):
         with torch.no_grad():  # density starts positive everywhere: a ReLU that starts at 0 gets no gradient
             (self.sigma_out.bias if use_viewdirs else self.out.bias[3:]).fill_(0.1)
 
+    def input_width(self, width):
+        """Width the encoded input is fed at (a subclass may pad it)."""
+        return width
+
+    def hidden_layer(self, in_dim, out_dim):
+        """One hidden Linear (a subclass may put a norm before it or quantize it)."""
+        return nn.Linear(in_dim, out_dim)
+
     def forward(self, xyz, viewdirs=None):
         """Points (..., 3) [+ unit view directions (..., 3)] -> rgb (..., 3) in [0, 1], sigma (...) >= 0."""
         x = positional_encoding(xyz, self.pos_encode_dims)
+        x = F.pad(x, (0, self.in_dim - x.shape[-1]))  # zero columns where a subclass pads the width
         h = x
         for i, layer in enumerate(self.layers):
             if i in self.skips:

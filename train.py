@@ -4,10 +4,12 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 
+from bitnerf import BitNeRF, export_ternary, load_ternary, plain_state, quantize_for_training
 from configs import NOT_IMPLEMENTED, ConfigError, UserError, apply_overrides
 from dataset import load_scene, sample_batch
 from nerf import NeRF, model_kwargs
@@ -25,6 +27,27 @@ def resolve_device(name):
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
 
 
+def autocast_context(cfg, device):
+    """The autocast context of the config's DTYPE, built once; float16 needs CUDA for its GradScaler."""
+    if cfg["DTYPE"] == "float16" and device.type != "cuda":
+        raise ConfigError(f"--dtype=float16 needs CUDA (its GradScaler), but the device is {device.type}; "
+                          "use --dtype=bfloat16 or --dtype=float32")
+    if cfg["DTYPE"] == "float32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, cfg["DTYPE"]))
+
+
+def build_optimizer(cfg, model, device):
+    """AdamW as configured; a fused kernel where asked and supported, otherwise a notice and the plain one."""
+    kwargs = dict(lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], amsgrad=cfg["AMSGRAD"])
+    if cfg["FUSED_OPTIM"]:
+        try:
+            return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+        except (RuntimeError, TypeError) as e:  # torch says which device or dtype it lacks
+            print(f"notice: fused AdamW unavailable on {device.type} ({e}); using the plain one", file=sys.stderr)
+    return torch.optim.AdamW(model.parameters(), **kwargs)
+
+
 def progress(cfg, step, seconds):
     """Fraction of training done: by steps, or by time when a time budget would end it sooner."""
     p = step / cfg["MAX_STEPS"]
@@ -40,21 +63,21 @@ def learning_rate(cfg, step, frac):
     return cfg["MIN_LR"] + 0.5 * (cfg["LR"] - cfg["MIN_LR"]) * (1 + math.cos(math.pi * frac))
 
 
-def save_checkpoint(ckpt, path):
+def save_checkpoint(ckpt, path, **save_kwargs):
     """torch.save through a temp file in the same directory, fsynced, then renamed over the old one."""
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
+        torch.save(ckpt, f, **save_kwargs)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def load_checkpoint(path):
-    """A checkpoint dict loaded with weights_only=True, or a UserError saying what to do."""
+    """A checkpoint (or BitNeRF export) dict loaded with weights_only=True, or a UserError saying what to do."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["model"], ckpt["config"]  # noqa: B018 - a dict without these is not ours
+        ckpt["config"], ckpt["rest" if "format" in ckpt else "model"]  # noqa: B018 - a dict without these is not ours
     except Exception as e:  # torch raises many types for a damaged file
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
                         "delete it to start over, or pick another --out_dir") from None
@@ -62,14 +85,40 @@ def load_checkpoint(path):
 
 
 def build_model(cfg, device):
-    """The NeRF a config describes, on device, seeded for a reproducible init."""
+    """The NeRF or BitNeRF (quantized for QAT) a config describes, on device, seeded for a reproducible init."""
     torch.manual_seed(cfg["SEED"])
+    if cfg["MODEL"] == "bitnerf":
+        return quantize_for_training(BitNeRF(**model_kwargs(cfg)).to(device))
     return NeRF(**model_kwargs(cfg)).to(device)
 
 
 def checkpoint_shape(cfg):
     """What a checkpoint must match to be resumed or evaluated: the model's and the grid's shapes."""
-    return {**model_kwargs(cfg), "grid_res": cfg["GRID_RES"] if cfg["OCC_GRID"] else None}
+    return {"model": cfg.get("MODEL", "nerf"), **model_kwargs(cfg),
+            "grid_res": cfg["GRID_RES"] if cfg["OCC_GRID"] else None}
+
+
+def rebuild_grid(model, cfg, scene, device, passes=4):
+    """An occupancy grid measured from a model alone (for an export, which carries no grid): max of passes."""
+    grid = build_grid(cfg, scene, device)
+    if grid is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
+        for _ in range(passes):
+            grid.update(model, 1.0, decay=1.0, generator=generator)
+    return grid
+
+
+def export_bitnerf(model, cfg, path):
+    """Write the ternary export of a BitNeRF to path; returns its size and that of the fp32 weights, in bytes."""
+    import io
+
+    legacy = dict(_use_new_zipfile_serialization=False)  # the zip format costs ~1.4 kB more in a ~13 kB file
+    keep = ("DATA", "DOWNSCALE", "WHITE_BKGD", "NUM_SAMPLES", "NUM_FINE", "OCC_GRID", "SCENE_BOUND", "GRID_RES",
+            *(k.upper() for k in model_kwargs(cfg)))  # what eval.py needs; every byte counts in a ~12 kB file
+    save_checkpoint(export_ternary(model, {k: cfg[k] for k in keep}), path, **legacy)
+    fp32 = io.BytesIO()
+    torch.save({k: v.float() for k, v in plain_state(model.state_dict()).items()}, fp32, **legacy)
+    return os.path.getsize(path), len(fp32.getvalue())
 
 
 def build_grid(cfg, scene, device):
@@ -80,14 +129,15 @@ def build_grid(cfg, scene, device):
     return OccupancyGrid(cfg["SCENE_BOUND"], cfg["GRID_RES"], -math.log(1 - 0.01) / step).to(device)
 
 
-def render_view(model, c2w, views, scene, cfg, grid):
-    """Render the camera c2w at a split's resolution and the config's sample count."""
+def render_view(model, c2w, views, scene, cfg, grid, amp):
+    """Render the camera c2w at a split's resolution and the config's sampling, under autocast amp."""
     H, W = views.hw
-    return render_image(model, c2w, H, W, views.focal, scene.near, scene.far,
-                        cfg["NUM_SAMPLES"], scene.background, cfg["CHUNK"], grid)
+    with amp:
+        return render_image(model, c2w, H, W, views.focal, scene.near, scene.far, cfg["NUM_SAMPLES"],
+                            scene.background, cfg["CHUNK"], grid, cfg["NUM_FINE"])
 
 
-def evaluate_views(model, views, scene, cfg, grid, n_views=None, save_dir=None):
+def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None):
     """Mean per-view PSNR and SSIM over the first n_views of a split (all by default), plus view 0's renders.
 
     With save_dir, each render and its colourised depth are also written there as PNG.
@@ -99,7 +149,7 @@ def evaluate_views(model, views, scene, cfg, grid, n_views=None, save_dir=None):
     model.eval()
     scores, first = [], None
     for k in range(len(views.images) if n_views is None else min(n_views, len(views.images))):
-        rgb, depth, _ = render_view(model, views.poses[k], views, scene, cfg, grid)
+        rgb, depth, _ = render_view(model, views.poses[k], views, scene, cfg, grid, amp)
         target = views.images[k]
         scores.append((psnr(rgb, target), ssim(rgb, target)))
         first = first or (rgb, target, depth)
@@ -111,14 +161,14 @@ def evaluate_views(model, views, scene, cfg, grid, n_views=None, save_dir=None):
             "views": len(scores)}, first
 
 
-def render_videos(model, views, scene, cfg, grid, out_dir):
+def render_videos(model, views, scene, cfg, grid, amp, out_dir):
     """The 360-degree orbit (rgb and colourised depth) written as mp4 and gif; returns the rgb mp4 path."""
     radius = views.poses[:, :3, 3].norm(dim=-1).mean().item()
     rgb_frames, depth_frames = [], []
     model.eval()
     for theta in torch.linspace(0.0, 360.0, cfg["VIDEO_FRAMES"] + 1)[:-1].tolist():
         c2w = pose_spherical(theta, -30.0, radius).to(views.poses.device)
-        rgb, depth, acc = render_view(model, c2w, views, scene, cfg, grid)
+        rgb, depth, acc = render_view(model, c2w, views, scene, cfg, grid, amp)
         rgb_frames.append(to_uint8(rgb))
         depth_frames.append(colorize_depth(torch.where(acc > 0.5, depth / acc.clamp_min(1e-6), scene.far),
                                            scene.near, scene.far))
@@ -127,6 +177,18 @@ def render_videos(model, views, scene, cfg, grid, out_dir):
         for ext in ("mp4", "gif"):
             write_video(frames, os.path.join(out_dir, f"{name}.{ext}"))
     return os.path.join(out_dir, "video.mp4")
+
+
+def export_and_evaluate(model, cfg, views, scene, grid, amp, out_dir):
+    """Export a BitNeRF to OUT_DIR/bitnerf_ternary.pt, reload the file and evaluate it as exported."""
+    path = os.path.join(out_dir, "bitnerf_ternary.pt")
+    size, fp32_size = export_bitnerf(model, cfg, path)
+    exported = load_ternary(torch.load(path, weights_only=True), model_kwargs(cfg)).to(views.poses.device)
+    scores, _ = evaluate_views(exported, views, scene, cfg, rebuild_grid(exported, cfg, scene, views.poses.device), amp)
+    print(f"export: {path}, {size} bytes ({fp32_size / size:.1f}x smaller than fp32), val PSNR {scores['psnr']:.2f} dB",
+          file=sys.stderr)
+    return {"export_psnr": scores["psnr"], "export_ssim": scores["ssim"], "export_bytes": size,
+            "fp32_weights_bytes": fp32_size}
 
 
 def has_wandb_key():
@@ -195,6 +257,8 @@ def train(cfg):
         raise UserError(f"{cfg['EXPERIMENT']} is not implemented yet ({NOT_IMPLEMENTED[cfg['EXPERIMENT']]}); "
                         "run exp1.py")
     device = resolve_device(cfg["DEVICE"])
+    amp = autocast_context(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["DTYPE"] == "float16")  # bf16 needs no scaling
     out_dir = prepare_out_dir(cfg)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
@@ -210,14 +274,14 @@ def train(cfg):
 
     model = build_model(cfg, device)
     grid = build_grid(cfg, scene, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"],
-                                  amsgrad=cfg["AMSGRAD"])
+    optimizer = build_optimizer(cfg, model, device)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg["SEED"])
     step, train_s, history = 0, 0.0, []
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(ckpt["model"])  # into torchao weights too: their copy_ writes the inner tensor
         optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
         generator.set_state(ckpt["generator"].to(generator.get_state().device))
         if grid is not None:
             grid.load_state_dict(ckpt["grid"])
@@ -225,7 +289,9 @@ def train(cfg):
         print(f"resuming {ckpt_path} at step {step} ({train_s:.0f} s trained)", file=sys.stderr)
 
     def checkpoint():
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+        # plain tensors only (torchao's training weights do not load with weights_only=True)
+        save_checkpoint({"model": plain_state(model.state_dict()), "optimizer": plain_state(optimizer.state_dict()),
+                         "scaler": scaler.state_dict(), "step": step,
                          "config": cfg, "generator": generator.get_state(), "train_seconds": train_s,
                          "grid": grid.state_dict() if grid is not None else None, "history": history,
                          "wandb_id": run.id if run else None}, ckpt_path)
@@ -236,7 +302,7 @@ def train(cfg):
         t0 = time.perf_counter()
         for n, grad in ((cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"], True), (cfg["CHUNK"] * cfg["NUM_SAMPLES"], False)):
             dummy = torch.zeros(n, 3, device=device)
-            with torch.set_grad_enabled(grad):
+            with torch.set_grad_enabled(grad), amp:
                 out = net(dummy, dummy if cfg["USE_VIEWDIRS"] else None)
             if grad:
                 sum(o.sum() for o in out).backward()
@@ -257,16 +323,21 @@ def train(cfg):
         if grid is not None and step % GRID_EVERY == 0 and step > 0:
             grid.update(model, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=generator)
         rays, target = sample_batch(train_views, cfg["BATCH_SIZE"], generator)
-        rgb, _, _ = render_rays(net, rays, scene.near, scene.far, cfg["NUM_SAMPLES"], scene.background, generator,
-                                grid)
+        with amp:
+            rgb, _, acc = render_rays(net, rays, scene.near, scene.far, cfg["NUM_SAMPLES"], scene.background,
+                                      generator, grid, cfg["NUM_FINE"])
         loss = F.mse_loss(rgb, target)
+        if cfg["OPACITY_REG"]:
+            loss = loss + cfg["OPACITY_REG"] * (acc * (1 - acc)).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"] or float("inf"))
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and not scaler.is_enabled()):
             raise UserError(f"non-finite loss or gradient at step {step + 1}; the last good checkpoint is kept in "
                             f"{ckpt_path}; lower --lr or set --grad_clip")
-        optimizer.step()
+        scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped and the scale lowered
+        scaler.update()
         step += 1
         dt = time.perf_counter() - t0
         train_s += dt
@@ -280,7 +351,7 @@ def train(cfg):
                 run.log(stats, step=step)
         bar.update(1)
         if cfg["EVAL_EVERY"] and step % cfg["EVAL_EVERY"] == 0 and not done():
-            scores, first = evaluate_views(net, val_views, scene, cfg, grid, cfg["EVAL_VIEWS"])
+            scores, first = evaluate_views(net, val_views, scene, cfg, grid, amp, cfg["EVAL_VIEWS"])
             history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
             bar.write(f"step {step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
                       f"({scores['views']} views, {train_s:.0f} s)")
@@ -293,20 +364,23 @@ def train(cfg):
     checkpoint()
 
     t0 = time.perf_counter()
-    scores, first = evaluate_views(net, val_views, scene, cfg, grid)
+    scores, first = evaluate_views(net, val_views, scene, cfg, grid, amp)
     history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
     metrics = {"experiment": cfg["EXPERIMENT"], "val_psnr": scores["psnr"], "val_ssim": scores["ssim"],
                "val_views": scores["views"], "steps": step, "train_seconds": round(train_s, 2),
                "compile_seconds": round(compile_s, 2), "eval_seconds": round(time.perf_counter() - t0, 2),
                "rays_per_s": round(step * cfg["BATCH_SIZE"] / max(train_s, 1e-9), 1),
-               "samples_per_s": round(step * cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"] / max(train_s, 1e-9), 1),
+               "samples_per_s": round(step * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
+                                      / max(train_s, 1e-9), 1),
                "device": str(device), "history": history}
     print(f"final: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} on {scores['views']} views "
           f"after {step} steps, {train_s:.0f} s", file=sys.stderr)
     if cfg["VIDEO_FRAMES"]:
         t0 = time.perf_counter()
-        video = render_videos(net, val_views, scene, cfg, grid, out_dir)
+        video = render_videos(net, val_views, scene, cfg, grid, amp, out_dir)
         metrics["video_seconds"] = round(time.perf_counter() - t0, 2)
+    if cfg["MODEL"] == "bitnerf":
+        metrics.update(export_and_evaluate(model, cfg, val_views, scene, grid, amp, out_dir))
         if run:
             import wandb
 

@@ -41,7 +41,7 @@ def sample_along_rays(rays, near, far, num_samples, generator=None):
 
 
 def volume_render(rgb, sigma, t, far, background):
-    """Composite samples (R, S) front to back; returns rgb (R, 3), depth (R,), opacity (R,).
+    """Composite samples (R, S) front to back; returns rgb (R, 3), depth (R,), opacity (R,), weights (R, S).
 
     Each sample stands for the segment up to the next one (the last one up to `far`). Transmittance is
     the *exclusive* product: a sample is attenuated by what lies before it, not by itself.
@@ -54,7 +54,26 @@ def volume_render(rgb, sigma, t, far, background):
     acc = weights.sum(-1)
     out_rgb = (weights[..., None] * rgb).sum(-2) + (1.0 - acc)[..., None] * background
     depth = (weights * t).sum(-1)
-    return out_rgb, depth, acc
+    return out_rgb, depth, acc, weights
+
+
+def sample_pdf(t, weights, far, num, generator=None):
+    """num sorted depths (R, num) drawn by inverse CDF from the piecewise-constant pdf of weights.
+
+    Sample i's weight is spread over the bin between the midpoints to its neighbours (the first bin starts
+    at t[0], the last ends at far): density seen at a sample may begin before it. Strata of u keep the
+    draws spread out; without a generator u is the strata centres (deterministic).
+    """
+    R, S = weights.shape
+    edges = torch.cat([t[:, :1], (t[:, 1:] + t[:, :-1]) / 2, torch.full_like(t[:, :1], far)], dim=-1)
+    pdf = weights + 1e-5  # a ray the first pass found empty still gets evenly spread samples
+    cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf / pdf.sum(-1, keepdim=True), dim=-1)], -1)
+    jitter = 0.5 if generator is None else torch.rand(R, num, generator=generator, device=t.device, dtype=t.dtype)
+    u = ((torch.arange(num, device=t.device, dtype=t.dtype) + jitter) / num).expand(R, num).contiguous()
+    hi = torch.searchsorted(cdf.contiguous(), u, right=True).clamp(1, S)
+    c0, c1 = cdf.gather(-1, hi - 1), cdf.gather(-1, hi)
+    e0, e1 = edges.gather(-1, hi - 1), edges.gather(-1, hi)
+    return e0 + (u - c0) / (c1 - c0).clamp_min(1e-12) * (e1 - e0)
 
 
 class OccupancyGrid(nn.Module):
@@ -115,9 +134,8 @@ class OccupancyGrid(nn.Module):
         self.refresh()
 
 
-def render_rays(model, rays, near, far, num_samples, background, generator=None, grid=None):
-    """Sample, query the model (only where the occupancy grid says there may be density) and composite."""
-    t = sample_along_rays(rays, near, far, num_samples, generator)
+def shade(model, rays, t, far, background, grid=None):
+    """Query the model at depths t (only where the occupancy grid says there may be density) and composite."""
     pts = rays.origins[:, None, :] + rays.viewdirs[:, None, :] * t[..., None]
     keep = grid.occupied(pts) if grid is not None else torch.ones_like(t, dtype=torch.bool)
     dirs = rays.viewdirs[:, None, :].expand_as(pts)[keep] if model.use_viewdirs else None
@@ -127,11 +145,26 @@ def render_rays(model, rays, near, far, num_samples, background, generator=None,
     return volume_render(rgb, sigma, t, far, background)
 
 
+def render_rays(model, rays, near, far, num_samples, background, generator=None, grid=None, num_fine=0):
+    """Render rays: stratified samples, and with num_fine a coarse -> fine pass as in the NeRF paper.
+
+    The coarse pass runs without gradients through the same model; its weights place num_fine more
+    samples, and the loss sees the union of both sets (so empty space is still supervised).
+    Returns rgb (R, 3), depth (R,), opacity (R,).
+    """
+    t = sample_along_rays(rays, near, far, num_samples, generator)
+    if num_fine:
+        with torch.no_grad():
+            weights = shade(model, rays, t, far, background, grid)[3]
+        t = torch.sort(torch.cat([t, sample_pdf(t, weights, far, num_fine, generator)], dim=-1), dim=-1).values
+    return shade(model, rays, t, far, background, grid)[:3]
+
+
 @torch.no_grad()
-def render_image(model, c2w, H, W, focal, near, far, num_samples, background, chunk, grid=None):
+def render_image(model, c2w, H, W, focal, near, far, num_samples, background, chunk, grid=None, num_fine=0):
     """Render one view CHUNK rays at a time (memory independent of image size); rgb (H,W,3), depth, opacity."""
     rays = get_rays(c2w, H, W, focal)
-    outs = [render_rays(model, Rays(o, d), near, far, num_samples, background, grid=grid)
+    outs = [render_rays(model, Rays(o, d), near, far, num_samples, background, grid=grid, num_fine=num_fine)
             for o, d in zip(rays.origins.split(chunk), rays.viewdirs.split(chunk))]
     rgb, depth, acc = (torch.cat(x) for x in zip(*outs))
     return rgb.reshape(H, W, 3), depth.reshape(H, W), acc.reshape(H, W)

@@ -39,7 +39,7 @@ def test_homogeneous_slab_matches_analytic_transmittance_and_depth():
     sigma = torch.where((t >= a) & (t < b), s, 0.0)
     rgb = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64).expand(1, n, 3)
     bg = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
-    out, depth, acc = volume_render(rgb, sigma, t, far, bg)
+    out, depth, acc, _ = volume_render(rgb, sigma, t, far, bg)
     opacity = 1 - math.exp(-s * (b - a))
     exp_depth = a + 1 / s - (b + 1 / s) * math.exp(-s * (b - a))  # integral of t s exp(-s (t - a)) over [a, b]
     assert abs(acc.item() - opacity) < 1e-3
@@ -51,7 +51,7 @@ def test_transmittance_is_exclusive():
     """A single opaque-ish sample gets weight alpha, not alpha * (1 - alpha) as an inclusive cumprod gives."""
     t = torch.tensor([[2.0, 3.0]])
     sigma = torch.tensor([[1.0, 0.0]])
-    _, _, acc = volume_render(torch.ones(1, 2, 3), sigma, t, 4.0, torch.zeros(3))
+    _, _, acc, _ = volume_render(torch.ones(1, 2, 3), sigma, t, 4.0, torch.zeros(3))
     assert abs(acc.item() - (1 - math.exp(-1.0))) < 1e-6
 
 

@@ -1,0 +1,164 @@
+"""Benchmark the experiments on this machine and print markdown tables.
+
+Speed (default): per experiment, the MLP training step's GFLOP/s against this machine's torch.mm peak
+(same run, same dtype), and real training throughput (rays/s, samples/s) and peak memory over --steps
+steps of the training loop on lego_tiny.
+    python bench.py [--exps=exp1,exp2,exp3] [--steps=150] [--compile=both|on|off] [--data=PATH]
+Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
+of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget).
+    python bench.py --quality [--budget_s=600] [--exps=exp1]
+Each experiment runs in its own process so that its peak memory is its own.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+import configs
+
+SHARED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lego_tiny.npz")
+
+
+def mm_peak_gflops(dtype, device, reps=5):
+    """Best median GFLOP/s of square torch.mm over a few sizes: this machine's reference peak."""
+    # without AVX-512-BF16 a CPU's bf16 mm runs at ~1 GFLOP/s: large sizes would take minutes and peak no higher
+    sizes = (256, 512) if dtype != torch.float32 and device.type == "cpu" else (1024, 2048)
+    best = 0.0
+    for n in sizes:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        times = []
+        for _ in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * n ** 3 / sorted(times[1:])[reps // 2] / 1e9)
+    return best
+
+
+def sync(device):
+    """Wait for queued GPU work so timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def mlp_flops_per_point(model):
+    """Training FLOPs per sample point: forward, weight gradient and input gradient of every Linear."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(2 * m.in_features * m.out_features * (2 if i == 0 else 3) for i, m in enumerate(linears))
+
+
+def mlp_step_gflops(cfg, device, reps=5):
+    """Median GFLOP/s of one forward + backward of the MLP on a training step's worth of points (no grid)."""
+    import train
+
+    model = train.build_model(cfg, device)
+    net = torch.compile(model) if cfg["COMPILE"] else model
+    amp = train.autocast_context(cfg, device)
+    pts = torch.rand(cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"]), 3, device=device) * 2 - 1
+    dirs = pts if cfg["USE_VIEWDIRS"] else None
+    times = []
+    for _ in range(reps + 2):  # the first two warm up (and compile)
+        sync(device)
+        t0 = time.perf_counter()
+        with amp:
+            rgb, sigma = net(pts, dirs)
+        (rgb.float().sum() + sigma.float().sum()).backward()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return mlp_flops_per_point(model) * len(pts) / sorted(times[2:])[reps // 2] / 1e9
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(args):
+    """Measure one experiment in this process and print one JSON line."""
+    import train
+
+    cfg = {**getattr(configs, args.child.upper()), "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
+           "COMPILE": args.compile == "on", "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{args.child}_")}
+    device = train.resolve_device(cfg["DEVICE"])
+    row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"],
+           "samples_per_ray": cfg["NUM_SAMPLES"] + cfg["NUM_FINE"], "device": str(device)}
+    if args.quality:
+        cfg.update(TIME_BUDGET_S=float(args.budget_s), MAX_STEPS=10 ** 9, EVAL_EVERY=args.eval_every, EVAL_VIEWS=100)
+        metrics = train.train(cfg)
+        for frac in (0.25, 0.5, 1.0):
+            seen = [h for h in metrics["history"] if h["train_seconds"] <= frac * args.budget_s + 1]
+            row[f"psnr@{frac * args.budget_s:.0f}s"] = round(seen[-1]["psnr"], 2) if seen else None
+        row.update(steps=metrics["steps"], ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"])
+    else:
+        cfg.update(MAX_STEPS=args.steps, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
+        row["mlp_gflops"] = round(mlp_step_gflops(cfg, device), 1)
+        metrics = train.train(cfg)
+        row.update(rays_per_s=metrics["rays_per_s"], samples_per_s=metrics["samples_per_s"])
+    row["peak_mem_mb"] = round(peak_memory_mb(device))
+    print("BENCH " + json.dumps(row), flush=True)
+
+
+def markdown(rows, cols):
+    """A markdown table of the given columns."""
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main():
+    """Run each experiment in a child process and print the table."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--exps", default="exp1,exp2,exp3")
+    p.add_argument("--data", default=SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
+    p.add_argument("--steps", type=int, default=150, help="training steps timed per experiment")
+    p.add_argument("--compile", default="both", choices=("both", "on", "off"))
+    p.add_argument("--quality", action="store_true", help="time-to-quality mode")
+    p.add_argument("--budget_s", type=float, default=600.0)
+    p.add_argument("--eval_every", type=int, default=500, help="validation interval in quality mode (steps)")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return run_child(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})"
+    print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, data {os.path.basename(args.data)}")
+    rows = []
+    if not args.quality:
+        peaks = {dt: mm_peak_gflops(getattr(torch, dt), device) for dt in ("float32", "bfloat16")}
+        print(f"torch.mm peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
+    compiles = ("off",) if args.quality and args.compile == "both" else ("off", "on") if args.compile == "both" else (args.compile,)
+    for exp in args.exps.split(","):
+        for comp in compiles:
+            cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={args.data}",
+                   f"--steps={args.steps}", f"--budget_s={args.budget_s}", f"--eval_every={args.eval_every}"]
+            out = subprocess.run(cmd + (["--quality"] if args.quality else []), capture_output=True, text=True)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
+            if out.returncode or not line:
+                print(f"{exp} (compile {comp}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            row = json.loads(line[-1][6:])
+            if not args.quality:
+                peak = peaks["float32" if row["dtype"] == "float32" else "bfloat16"]  # fp16 peak ~ bf16 peak on GPUs
+                row["% of mm peak"] = round(100 * row["mlp_gflops"] / peak, 1)
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+    if args.quality:
+        marks = [f"psnr@{f * args.budget_s:.0f}s" for f in (0.25, 0.5, 1.0)]
+        print(markdown(rows, ["exp", "dtype", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s"]))
+    else:
+        print(markdown(rows, ["exp", "dtype", "compile", "samples_per_ray", "rays_per_s", "samples_per_s",
+                              "mlp_gflops", "% of mm peak", "peak_mem_mb"]))
+
+
+if __name__ == "__main__":
+    main()

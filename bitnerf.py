@@ -1,0 +1,148 @@
+"""BitNeRF: an RMSNorm before each hidden Linear, BitNet b1.58 QAT (torchao), and a 2-bit ternary export.
+
+Hidden layers train with torchao's `bitnet_training`: weights are ternary {-s, 0, +s} (s = mean |w| of the
+tensor) and activations int8 per row in the forward pass, full-precision latent weights in the optimizer.
+The output head (64 -> 4) stays full precision: it is 0.7% of the weights and its 4 outputs are too narrow
+for int8 matmul kernels. The encoded input is zero-padded to a multiple of 8 (63 -> 64) for the same reason.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nerf import NeRF
+
+EXPORT_FORMAT = "bitnerf-ternary-v1"
+
+
+class BitNeRF(NeRF):
+    """NeRF whose hidden layers are RMSNorm -> Linear blocks with int8-friendly widths."""
+
+    def input_width(self, width):
+        """Pad the encoded input to a multiple of 8 (int8 matmuls want it)."""
+        return -(-width // 8) * 8
+
+    def hidden_layer(self, in_dim, out_dim):
+        """RMSNorm then Linear: BitNet normalises what it quantizes to int8 (no gain, as in BitNet's SimpleRMSNorm)."""
+        return nn.Sequential(nn.RMSNorm(in_dim, elementwise_affine=False), nn.Linear(in_dim, out_dim))
+
+
+def ternary_linears(model):
+    """(name, Linear) of every hidden Linear that is trained and exported ternary."""
+    return [(f"layers.{i}.1", block[1]) for i, block in enumerate(model.layers)]
+
+
+def scaled_int8_mm(a_i8, b_i8, row_scale, col_scale):
+    """torchao's scaled int8 matmul, bit-identical, with the integer product done by fp32 GEMM on CPU.
+
+    CPUs without int8 dot-product instructions run torch._int_mm at ~1 GOP/s (measured: 5x slower QAT than
+    fp32 training). Products of int8 activations and ternary weights summed over K terms stay below 2^24
+    while K * 127 < 2^24, so fp32 holds them exactly and fp32 GEMM gives the same integers.
+    """
+    if a_i8.device.type == "cpu" and a_i8.shape[1] * 127 < 2 ** 24:
+        product = a_i8.float() @ b_i8.float()
+    else:
+        product = torch._int_mm(a_i8, b_i8)
+    return product * col_scale.view(-1) * row_scale.view(-1, 1)
+
+
+def quantize_for_training(model):
+    """Swap the hidden Linears' weights for torchao's BitNet training weights (in place, before the optimizer)."""
+    from torchao import quantize_
+    from torchao.prototype.quantized_training import bitnet, bitnet_training
+
+    if not bitnet.has_triton():  # torchao's own fallback is torch._int_mm; ours is exact and fast on CPU too
+        bitnet.scaled_int8_mm = scaled_int8_mm
+    names = {name for name, _ in ternary_linears(model)}
+    quantize_(model, bitnet_training(), filter_fn=lambda module, fqn: fqn in names)
+    return model
+
+
+def plain(tensor):
+    """The plain tensor inside a torchao training weight (what weights_only=True can load), else itself."""
+    return tensor._data if hasattr(tensor, "_data") else tensor
+
+
+def plain_state(obj):
+    """A state dict (model or optimizer, nested) with every torchao tensor subclass unwrapped."""
+    if isinstance(obj, dict):
+        return {k: plain_state(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [plain_state(v) for v in obj]
+    return plain(obj) if isinstance(obj, torch.Tensor) else obj
+
+
+def ternarize(weight):
+    """BitNet b1.58 weight quantization: int8 values in {-1, 0, 1} and the fp32 tensor scale mean |w|."""
+    w = plain(weight).detach().float()
+    scale = w.abs().mean()
+    return (w / scale.clamp_min(1e-5)).round().clamp(-1, 1).to(torch.int8), scale
+
+
+def pack_ternary(q):
+    """int8 values in {-1, 0, 1} (any shape) -> uint8, four 2-bit codes (value + 1) per byte."""
+    codes = (q.reshape(-1) + 1).to(torch.uint8)
+    codes = F.pad(codes, (0, -len(codes) % 4)).view(-1, 4)
+    return codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6
+
+
+def unpack_ternary(packed, shape):
+    """Inverse of pack_ternary: int8 values in {-1, 0, 1} of the given shape."""
+    codes = torch.stack([packed >> s & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(-1)
+    return (codes[: torch.Size(shape).numel()].to(torch.int8) - 1).view(shape)
+
+
+def int8_rows(x):
+    """Per-row absmax int8 quantization of activations, exactly as torchao's bitnet_training forward."""
+    from torchao.prototype.quantized_training.int8 import quantize_int8_rowwise
+
+    return quantize_int8_rowwise(x, eps=1e-5)
+
+
+class TernaryLinear(nn.Module):
+    """Inference Linear from an export: ternary weight, tensor scale, int8 activations (as in training)."""
+
+    def __init__(self, packed, scale, shape):
+        super().__init__()
+        self.out_features, self.in_features = shape
+        # unpacked once to int8 for the matmul; not saved (the export keeps the 2-bit copy)
+        self.register_buffer("weight_i8", unpack_ternary(packed, shape), persistent=False)
+        self.register_buffer("scale", scale.float(), persistent=False)
+        self.register_buffer("bias", torch.zeros(shape[0]))
+
+    def forward(self, x):
+        """int8 x ternary matmul, rescaled by the activation row scales and the weight scale."""
+        batch = x.shape[:-1]
+        x_i8, row_scale = int8_rows(x.reshape(-1, self.in_features).float())
+        out = scaled_int8_mm(x_i8, self.weight_i8.T, row_scale, self.scale)
+        return (out + self.bias).view(*batch, self.out_features)
+
+
+def export_ternary(model, config, rest_dtype=torch.float16):
+    """The export dict (loads with weights_only=True): the ternary weights 2-bit packed in one buffer, their
+    fp32 scales, every other parameter (biases, output head) in one rest_dtype buffer, and the config. Tensor names and shapes follow from the config, so they are not stored (each stored tensor or
+    string costs bytes in a file of ~13 kB). Works on copies: the model and its training are left untouched.
+    """
+    ternary = {f"{name}.weight" for name, _ in ternary_linears(model)}
+    packed, scales, rest = [], [], []
+    for key, value in model.state_dict().items():
+        value = plain(value).detach().float().cpu()
+        if key in ternary:
+            q, scale = ternarize(value)
+            packed.append(pack_ternary(q)), scales.append(scale)
+        else:
+            rest.append(value.reshape(-1))
+    return {"format": EXPORT_FORMAT, "config": config, "packed": torch.cat(packed), "scales": torch.stack(scales),
+            "rest": torch.cat(rest).to(rest_dtype)}
+
+
+def load_ternary(export, model_kwargs):
+    """A BitNeRF inference model (eval mode, CPU) running from an export dict."""
+    model = BitNeRF(**model_kwargs)
+    layers = ternary_linears(model)
+    sizes = [-(-linear.weight.numel() // 4) for _, linear in layers]
+    for (name, linear), packed, scale in zip(layers, export["packed"].split(sizes), export["scales"]):
+        model.get_submodule(name.rsplit(".", 1)[0])[1] = TernaryLinear(packed, scale, tuple(linear.weight.shape))
+    state = model.state_dict()  # the TernaryLinears' biases and the other parameters, in export order
+    values = export["rest"].float().split([v.numel() for v in state.values()])
+    model.load_state_dict({k: v.view_as(state[k]) for k, v in zip(state, values)})
+    return model.eval()

@@ -1,0 +1,120 @@
+"""exp4: BitNeRF QAT with torchao, the 2-bit ternary export, and evaluating the export as exported."""
+import io
+import json
+import os
+
+import pytest
+import torch
+
+import train
+from bitnerf import (BitNeRF, export_ternary, int8_rows, load_ternary, pack_ternary, plain, quantize_for_training,
+                     scaled_int8_mm, ternarize, ternary_linears, unpack_ternary)
+from configs import EXP4
+from test_train import run_cli
+
+
+def qat_model(**kwargs):
+    """A seeded BitNeRF with torchao BitNet training weights on its hidden layers."""
+    torch.manual_seed(0)
+    return quantize_for_training(BitNeRF(**kwargs))
+
+
+def test_forward_uses_ternary_weights_and_int8_activations():
+    model = qat_model(num_layers=4)
+    x = torch.randn(256, 64)
+    for _, linear in ternary_linears(model):
+        q, s = ternarize(linear.weight)
+        assert set(q.unique().tolist()) <= {-1, 0, 1} and s > 0
+        x_i8, row_scale = int8_rows(x[:, :linear.in_features])
+        expected = (x_i8.float() * row_scale[:, None]) @ (q.float() * s).T + linear.bias
+        torch.testing.assert_close(linear(x[:, :linear.in_features]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fp32_gemm_gives_the_same_integers_as_int_mm():
+    a = torch.randint(-127, 128, (512, 128), dtype=torch.int8)
+    b = torch.randint(-1, 2, (64, 128), dtype=torch.int8)
+    one, two = torch.rand(512), torch.tensor(0.3)
+    assert torch.equal(scaled_int8_mm(a, b.T, one, two), torch._int_mm(a, b.T) * two.view(-1) * one.view(-1, 1))
+
+
+def test_the_encoded_input_is_padded_to_a_multiple_of_8():
+    assert BitNeRF(pos_encode_dims=10).in_dim == 64  # 63 -> 64
+    assert all(linear.in_features % 8 == 0 for _, linear in ternary_linears(BitNeRF()))
+
+
+@pytest.mark.parametrize("n", [1, 4, 7, 4096 + 3])
+def test_pack_unpack_round_trips_exactly(n):
+    q = torch.randint(-1, 2, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
+    packed = pack_ternary(q)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 4)
+    assert torch.equal(unpack_ternary(packed, q.shape), q)
+
+
+def export_round_trip(model, rest_dtype):
+    """Export to bytes, load with weights_only=True, and build the inference model."""
+    buf = io.BytesIO()
+    torch.save(export_ternary(model, {}, rest_dtype), buf, _use_new_zipfile_serialization=False)
+    buf.seek(0)
+    return load_ternary(torch.load(buf, weights_only=True), {}), len(buf.getvalue())
+
+
+def test_exported_model_reproduces_the_qat_model_and_leaves_it_untouched():
+    model = qat_model()
+    before = {k: plain(v).clone() for k, v in model.state_dict().items()}
+    pts = torch.rand(2048, 3) * 3 - 1.5
+    with torch.no_grad():
+        want = model.eval()(pts)
+        exact, _ = export_round_trip(model, torch.float32)
+        small, size = export_round_trip(model, torch.float16)
+        for got in exact(pts), small(pts):
+            assert type(got) is type(want)
+        for a, b in zip(exact(pts), want):
+            assert torch.equal(a, b)  # ternary weights and fp32 rest: bit-identical
+        for a, b in zip(small(pts), want):
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)  # the rest stored as fp16
+    for k, v in model.state_dict().items():
+        assert torch.equal(plain(v), before[k]), k  # export worked on copies
+    assert type(model.layers[0][1].weight).__name__ == "BitNetTrainingLinearWeight"
+    fp32 = io.BytesIO()
+    torch.save({k: v.float() for k, v in before.items()}, fp32, _use_new_zipfile_serialization=False)
+    assert size * 12 <= len(fp32.getvalue()), (size, len(fp32.getvalue()))
+
+
+@pytest.fixture
+def bit_cfg(small_cfg):
+    """A seconds-long exp4 on the synthetic scene."""
+    return {**small_cfg, "MODEL": EXP4["MODEL"], "EXPERIMENT": "exp4"}
+
+
+def test_bitnerf_trains_exports_and_resumes(bit_cfg, tmp_path, monkeypatch):
+    straight = {**bit_cfg, "OUT_DIR": str(tmp_path / "straight")}
+    metrics = train.train({**straight, "MAX_STEPS": 60})
+    assert metrics["val_psnr"] > 12.0
+    assert abs(metrics["export_psnr"] - metrics["val_psnr"]) < 0.2
+    export = torch.load(os.path.join(straight["OUT_DIR"], "bitnerf_ternary.pt"), weights_only=True)
+    assert export["packed"].dtype == torch.uint8
+
+    real_save = train.save_checkpoint
+
+    def save_then_die(ckpt, path, **kwargs):
+        real_save(ckpt, path, **kwargs)
+        if ckpt.get("step") == 20:
+            raise KeyboardInterrupt
+
+    resumed = {**bit_cfg, "OUT_DIR": str(tmp_path / "resumed")}
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train({**resumed, "MAX_STEPS": 60})
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    train.train({**resumed, "MAX_STEPS": 60})
+    a, b = (torch.load(os.path.join(c["OUT_DIR"], "ckpt.pt"), weights_only=True) for c in (straight, resumed))
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+
+
+def test_eval_evaluates_the_export_file(bit_cfg):
+    metrics = train.train(bit_cfg)
+    out = run_cli("eval.py", os.path.join(bit_cfg["OUT_DIR"], "bitnerf_ternary.pt"), "--data=synthetic")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["exported"] and abs(result["psnr"] - metrics["export_psnr"]) < 1e-3

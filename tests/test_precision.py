@@ -1,0 +1,104 @@
+"""exp2 and exp3: autocast dtypes, torch.compile, fused AdamW and coarse -> fine sampling."""
+import pytest
+import torch
+
+import train
+from configs import EXP1, EXP2, EXP3, ConfigError
+from nerf import NeRF
+from utils import Rays, render_rays, sample_along_rays, sample_pdf, volume_render
+
+
+def test_bfloat16_autocast_runs_the_matmuls_in_bfloat16_and_renders_in_float32():
+    model, seen = NeRF(num_layers=4), []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype) and None)
+    rays = Rays(torch.zeros(8, 3) + torch.tensor([0.0, 0.0, 4.0]), torch.tensor([0.0, 0.0, -1.0]).expand(8, 3))
+    with train.autocast_context(EXP2, torch.device("cpu")):
+        rgb, depth, acc = render_rays(model, rays, 2.0, 6.0, 16, torch.zeros(3))
+    assert seen and all(dtype == torch.bfloat16 for dtype in seen), seen
+    assert rgb.dtype == depth.dtype == acc.dtype == torch.float32  # compositing stays in fp32
+
+
+def test_float32_builds_no_autocast():
+    model = NeRF(num_layers=2)
+    with train.autocast_context(EXP1, torch.device("cpu")):
+        assert model(torch.rand(4, 3))[0].dtype == torch.float32
+
+
+def test_float16_without_cuda_is_refused_before_training(tmp_path):
+    cfg = {**EXP1, "DTYPE": "float16", "DEVICE": "cpu", "OUT_DIR": str(tmp_path / "run")}
+    with pytest.raises(ConfigError, match="float16 needs CUDA"):
+        train.train(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_compiled_model_matches_eager():
+    torch.manual_seed(0)
+    model, pts = NeRF(num_layers=4), torch.rand(512, 3) * 2 - 1
+    compiled = torch.compile(model)
+    for (a, b) in zip(model(pts), compiled(pts)):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_adamw_takes_the_same_step_as_the_plain_one():
+    cfg = {**EXP2, "LR": 1e-2}
+    models = [NeRF(num_layers=2) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    pts = torch.rand(64, 3)
+    for model, fused in zip(models, (False, True)):
+        opt = train.build_optimizer({**cfg, "FUSED_OPTIM": fused}, model, torch.device("cpu"))
+        assert opt.defaults["fused"] is (True if fused else None)
+        for _ in range(3):
+            opt.zero_grad()
+            sum(o.sum() for o in model(pts)).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fine_samples_gather_where_the_coarse_weights_are():
+    t = sample_along_rays(Rays(torch.zeros(4, 3), torch.ones(4, 3)), 2.0, 6.0, 64)
+    sigma = torch.where((t > 3.9) & (t < 4.1), 50.0, 0.0)  # one opaque slab at depth 4
+    weights = volume_render(torch.zeros(*t.shape, 3), sigma, t, 6.0, torch.zeros(3))[3]
+    fine = sample_pdf(t, weights, 6.0, 32, torch.Generator().manual_seed(0))
+    assert fine.shape == (4, 32) and (fine[:, 1:] >= fine[:, :-1]).all()
+    inside = ((fine > 3.85) & (fine < 4.15)).float().mean().item()
+    assert inside > 0.9, inside  # uniform samples would put ~8% there
+
+
+def test_empty_rays_get_evenly_spread_fine_samples():
+    t = sample_along_rays(Rays(torch.zeros(2, 3), torch.ones(2, 3)), 2.0, 6.0, 16)
+    fine = sample_pdf(t, torch.zeros_like(t), 6.0, 8)
+    assert (fine.min() >= 2.0) and (fine.max() <= 6.0)
+    assert fine[0].diff().std() < 0.05  # evenly spaced
+
+
+class Slab(torch.nn.Module):
+    """Opaque white slab 0.1 thick at z = 0, empty elsewhere (a known density peak)."""
+
+    use_viewdirs = False
+
+    def forward(self, x, d=None):
+        return torch.ones_like(x), torch.where(x[:, 2].abs() < 0.05, 200.0, 0.0)
+
+
+def test_coarse_to_fine_finds_the_surface_of_a_thin_slab():
+    rays = Rays(torch.tensor([[0.0, 0.0, 4.0]]).expand(256, 3), torch.tensor([[0.0, 0.0, -1.0]]).expand(256, 3))
+    _, coarse_depth, coarse_acc = render_rays(Slab(), rays, 2.0, 6.0, 16, torch.zeros(3),
+                                              torch.Generator().manual_seed(0))
+    _, depth, acc = render_rays(Slab(), rays, 2.0, 6.0, 16, torch.zeros(3), torch.Generator().manual_seed(0),
+                                num_fine=32)  # same seed: the same coarse samples
+    hit = coarse_acc > 0.5
+    assert 0.2 < hit.float().mean() < 0.6  # 16 samples over 4 units land in a 0.1 slab ~40% of the time
+    assert acc[hit].min() > 0.99  # the fine samples land in the slab
+    err, coarse_err = (depth[hit] - 3.95).abs(), (coarse_depth[hit] - 3.95).abs()  # the front is at depth 3.95
+    assert err.max() < 0.1 and err.median() < coarse_err.median() / 2, (err.median(), coarse_err.median())
+
+
+@pytest.mark.parametrize("preset", [EXP2, EXP3])
+def test_exp2_and_exp3_presets_train_and_learn(preset, small_cfg):
+    keys = ("EXPERIMENT", "DTYPE", "AMSGRAD", "FUSED_OPTIM", "NUM_SAMPLES", "NUM_FINE", "OPACITY_REG",
+            "WEIGHT_DECAY")
+    cfg = {**small_cfg, **{k: preset[k] for k in keys}, "MAX_STEPS": 120, "EVAL_EVERY": 40}
+    metrics = train.train(cfg)
+    assert metrics["val_psnr"] > metrics["history"][0]["psnr"] + 1.0, metrics["history"]

@@ -146,3 +146,38 @@ def load_ternary(export, model_kwargs):
     values = export["rest"].float().split([v.numel() for v in state.values()])
     model.load_state_dict({k: v.view_as(state[k]) for k, v in zip(state, values)})
     return model.eval()
+
+
+def main(argv=None):
+    """`python bitnerf.py RUN_DIR_OR_CKPT [--out=PATH]`: export a BitNeRF training checkpoint (default next to it)."""
+    import argparse
+    import os
+    import sys
+
+    import train
+    from configs import EXP1, UserError
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("ckpt", help="run directory holding ckpt.pt, or a checkpoint file")
+    p.add_argument("--out", default=None, help="export path (default: bitnerf_ternary.pt beside the checkpoint)")
+    args = p.parse_args(argv)
+    path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
+    try:
+        if not os.path.exists(path):
+            raise UserError(f"no checkpoint at {path}; pass a run directory (holding ckpt.pt) or a .pt file")
+        ckpt = train.load_checkpoint(path)
+        cfg = {**EXP1, **ckpt["config"]}
+        if cfg["MODEL"] != "bitnerf":
+            raise UserError(f"{path} is a {cfg['MODEL']} checkpoint; only MODEL=bitnerf runs (exp4, exp6) export")
+        model = train.build_model(cfg, torch.device("cpu"))
+        model.load_state_dict(ckpt["model"])
+        out = args.out or os.path.join(os.path.dirname(path), "bitnerf_ternary.pt")
+        size, fp32_size = train.export_bitnerf(model, cfg, out)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"{out}: {size} bytes, {fp32_size / size:.1f}x smaller than the fp32 weights")
+
+
+if __name__ == "__main__":
+    main()

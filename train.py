@@ -1,4 +1,5 @@
 """The one training loop every experiment runs: `python expN.py [--key=value ...]`."""
+import gc
 import json
 import math
 import os
@@ -10,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from bitnerf import BitNeRF, export_ternary, load_ternary, plain_state, quantize_for_training
-from configs import NOT_IMPLEMENTED, ConfigError, UserError, apply_overrides
+from configs import ConfigError, UserError, apply_overrides
 from dataset import load_scene, sample_batch
 from nerf import NeRF, model_kwargs
-from utils import (OccupancyGrid, colorize_depth, pose_spherical, psnr, render_image, render_rays, ssim, to_uint8,
+from utils import (OccupancyGrid, Rays, Shard, colorize_depth, pose_spherical, psnr, render_image, render_rays, ssim, to_uint8,
                    write_video)
 
 GRID_EVERY = 16  # steps between occupancy-grid updates
@@ -25,6 +26,39 @@ def resolve_device(name):
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device=cuda but no CUDA device is visible; use --device=cpu or --device=auto")
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else "cpu" if name == "auto" else name)
+
+
+def init_distributed(cfg, device):
+    """(rank, world size, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); (0, 1, device) without.
+
+    nccl on CUDA, gloo on CPU; each rank of a CUDA run takes the GPU of its LOCAL_RANK.
+    """
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    backend = {"auto": "nccl" if device.type == "cuda" else "gloo"}.get(cfg["DDP_BACKEND"], cfg["DDP_BACKEND"])
+    if backend == "nccl" and device.type != "cuda":
+        raise ConfigError("--ddp_backend=nccl needs CUDA; use --ddp_backend=gloo (or auto) on CPU")
+    if device.type == "cuda":
+        if int(os.environ["LOCAL_RANK"]) >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {os.environ['LOCAL_RANK']} but only {torch.cuda.device_count()} GPUs; "
+                              "lower torchrun's --nproc_per_node")
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce(values, op="sum"):
+    """Sum (or max) a list of floats over all ranks; unchanged without a process group."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
 
 
 def autocast_context(cfg, device):
@@ -64,13 +98,23 @@ def learning_rate(cfg, step, frac):
 
 
 def save_checkpoint(ckpt, path, **save_kwargs):
-    """torch.save through a temp file in the same directory, fsynced, then renamed over the old one."""
+    """torch.save through a temp file in the same directory, fsynced, then renamed over the old one.
+
+    A failed write (disk full, directory gone) removes the temp file, keeps the old file and says so.
+    """
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f, **save_kwargs)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f, **save_kwargs)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = "the previous one is kept" if os.path.exists(path) else "there is no earlier one"
+        raise UserError(f"could not write {path} ({e.strerror or e}); {kept}; free disk space or pick another "
+                        "--out_dir, then rerun to resume") from None
 
 
 def load_checkpoint(path):
@@ -137,28 +181,29 @@ def render_view(model, c2w, views, scene, cfg, grid, amp):
                             scene.background, cfg["CHUNK"], grid, cfg["NUM_FINE"])
 
 
-def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None):
+def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None, rank=0, world=1):
     """Mean per-view PSNR and SSIM over the first n_views of a split (all by default), plus view 0's renders.
 
-    With save_dir, each render and its colourised depth are also written there as PNG.
+    Under DDP each rank renders every world-th view and the sums are all-reduced. With save_dir, each
+    render and its colourised depth are also written there as PNG.
     """
     import imageio.v2 as imageio
 
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
     model.eval()
-    scores, first = [], None
-    for k in range(len(views.images) if n_views is None else min(n_views, len(views.images))):
+    sums, first = [0.0, 0.0, 0.0], None
+    for k in range(rank, len(views.images) if n_views is None else min(n_views, len(views.images)), world):
         rgb, depth, _ = render_view(model, views.poses[k], views, scene, cfg, grid, amp)
         target = views.images[k]
-        scores.append((psnr(rgb, target), ssim(rgb, target)))
+        sums = [sums[0] + psnr(rgb, target), sums[1] + ssim(rgb, target), sums[2] + 1]
         first = first or (rgb, target, depth)
         if save_dir:
             imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
             imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), colorize_depth(depth, scene.near, scene.far))
     model.train()
-    return {"psnr": sum(s[0] for s in scores) / len(scores), "ssim": sum(s[1] for s in scores) / len(scores),
-            "views": len(scores)}, first
+    total_psnr, total_ssim, count = all_reduce(sums) if world > 1 else sums
+    return {"psnr": total_psnr / count, "ssim": total_ssim / count, "views": int(count)}, first
 
 
 def render_videos(model, views, scene, cfg, grid, amp, out_dir):
@@ -228,12 +273,12 @@ def log_images(run, step, first):
              "val/depth": wandb.Image(colorize_depth(depth, depth.min().item(), depth.max().item()))}, step=step)
 
 
-def prepare_out_dir(cfg):
+def prepare_out_dir(cfg, rank=0):
     """Create OUT_DIR and prove it is writable before any training time is spent."""
     out_dir = cfg["OUT_DIR"]
     try:
         os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write_test")
+        probe = os.path.join(out_dir, f".write_test.{rank}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -250,16 +295,43 @@ def write_json(obj, path):
 
 
 def train(cfg):
-    """Train (or resume) the experiment a config describes; returns the final metrics dict."""
+    """Train (or resume) the experiment a config describes, as one process or one torchrun rank; final metrics."""
+    import torch.distributed as dist
+
+    rank, world, device = init_distributed(cfg, resolve_device(cfg["DEVICE"]))
+    if world == 1 and cfg["EXPERIMENT"] in ("exp5", "exp6"):
+        print(f"notice: not started by torchrun, so {cfg['EXPERIMENT']} runs as one process (world size 1); "
+              f"use torchrun --standalone --nproc_per_node=2 {cfg['EXPERIMENT']}.py", file=sys.stderr)
+    try:
+        return fit(cfg, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            gc.collect()  # the DDP module must be gone before the group, or gloo can abort at exit
+            dist.destroy_process_group()
+
+
+def wrap_ddp(cfg, net, device):
+    """The DistributedDataParallel module every training forward goes through."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if cfg["MODEL"] == "bitnerf":
+        from bitnerf_ddp import wrap_bitnerf
+
+        return wrap_bitnerf(net, device)
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def fit(cfg, rank, world, device):
+    """The training loop of one rank (rank 0 of 1 without torchrun); returns the final metrics dict."""
     from tqdm import tqdm
 
-    if cfg["EXPERIMENT"] in NOT_IMPLEMENTED:
-        raise UserError(f"{cfg['EXPERIMENT']} is not implemented yet ({NOT_IMPLEMENTED[cfg['EXPERIMENT']]}); "
-                        "run exp1.py")
-    device = resolve_device(cfg["DEVICE"])
+    if cfg["BATCH_SIZE"] % world:
+        raise ConfigError(f"--batch_size={cfg['BATCH_SIZE']} (the global batch) does not split over {world} "
+                          f"processes; use a multiple of {world}")
+    main_rank = rank == 0  # only it writes files, logs and renders videos
     amp = autocast_context(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["DTYPE"] == "float16")  # bf16 needs no scaling
-    out_dir = prepare_out_dir(cfg)
+    out_dir = prepare_out_dir(cfg, rank)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     ckpt = load_checkpoint(ckpt_path) if os.path.exists(ckpt_path) else None
     if ckpt is not None and checkpoint_shape(ckpt["config"]) != checkpoint_shape(cfg):
@@ -270,11 +342,13 @@ def train(cfg):
     for v in (train_views, val_views):
         v.images, v.poses = v.images.to(device), v.poses.to(device)
     scene.background = scene.background.to(device)
-    write_json(cfg, os.path.join(out_dir, "config.json"))
+    if main_rank:
+        write_json(cfg, os.path.join(out_dir, "config.json"))
 
     model = build_model(cfg, device)
     grid = build_grid(cfg, scene, device)
     optimizer = build_optimizer(cfg, model, device)
+    # every rank holds the same generator state: each draws the global batch and keeps its shard (utils.Shard)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg["SEED"])
     step, train_s, history = 0, 0.0, []
@@ -286,34 +360,38 @@ def train(cfg):
         if grid is not None:
             grid.load_state_dict(ckpt["grid"])
         step, train_s, history = ckpt["step"], ckpt["train_seconds"], ckpt["history"]
-        print(f"resuming {ckpt_path} at step {step} ({train_s:.0f} s trained)", file=sys.stderr)
+        if main_rank:
+            print(f"resuming {ckpt_path} at step {step} ({train_s:.0f} s trained)", file=sys.stderr)
 
     def checkpoint():
-        # plain tensors only (torchao's training weights do not load with weights_only=True)
-        save_checkpoint({"model": plain_state(model.state_dict()), "optimizer": plain_state(optimizer.state_dict()),
-                         "scaler": scaler.state_dict(), "step": step,
-                         "config": cfg, "generator": generator.get_state(), "train_seconds": train_s,
-                         "grid": grid.state_dict() if grid is not None else None, "history": history,
-                         "wandb_id": run.id if run else None}, ckpt_path)
+        if main_rank:  # plain tensors only (torchao's training weights do not load with weights_only=True)
+            save_checkpoint({"model": plain_state(model.state_dict()), "optimizer": plain_state(optimizer.state_dict()),
+                             "scaler": scaler.state_dict(), "step": step, "config": cfg,
+                             "generator": generator.get_state(), "train_seconds": train_s,
+                             "grid": grid.state_dict() if grid is not None else None, "history": history,
+                             "wandb_id": run.id if run else None}, ckpt_path)
 
-    net = torch.compile(model, dynamic=True) if cfg["COMPILE"] else model  # the grid varies the batch size
+    fast = torch.compile(model, dynamic=True) if cfg["COMPILE"] else model  # the grid varies the batch size
     compile_s = 0.0
     if cfg["COMPILE"]:  # compile the training and rendering graphs up front so neither is billed as training
         t0 = time.perf_counter()
         for n, grad in ((cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"], True), (cfg["CHUNK"] * cfg["NUM_SAMPLES"], False)):
             dummy = torch.zeros(n, 3, device=device)
             with torch.set_grad_enabled(grad), amp:
-                out = net(dummy, dummy if cfg["USE_VIEWDIRS"] else None)
+                out = fast(dummy, dummy if cfg["USE_VIEWDIRS"] else None)
             if grad:
                 sum(o.sum() for o in out).backward()
         model.zero_grad(set_to_none=True)
         compile_s = time.perf_counter() - t0
         print(f"compiled in {compile_s:.1f} s", file=sys.stderr)
+    net = wrap_ddp(cfg, fast, device) if world > 1 else fast  # compile first, then wrap, as DDP expects
 
-    run = open_wandb(cfg, out_dir, ckpt.get("wandb_id") if ckpt else None)
+    run = open_wandb(cfg, out_dir, ckpt.get("wandb_id") if ckpt else None) if main_rank else None
     done = lambda: step >= cfg["MAX_STEPS"] or 0 < cfg["TIME_BUDGET_S"] <= train_s  # noqa: E731
     bar = tqdm(total=cfg["MAX_STEPS"], initial=step, desc=cfg["EXPERIMENT"], dynamic_ncols=True,
-               disable=None)
+               disable=None if main_rank else True)
+    shard = cfg["BATCH_SIZE"] // world
+    lo = rank * shard
     rays_per_s = 0.0
     while not done():
         t0 = time.perf_counter()
@@ -323,10 +401,11 @@ def train(cfg):
         if grid is not None and step % GRID_EVERY == 0 and step > 0:
             grid.update(model, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=generator)
         rays, target = sample_batch(train_views, cfg["BATCH_SIZE"], generator)
+        rays, target = Rays(*(x[lo: lo + shard] for x in rays)), target[lo: lo + shard]
         with amp:
             rgb, _, acc = render_rays(net, rays, scene.near, scene.far, cfg["NUM_SAMPLES"], scene.background,
-                                      generator, grid, cfg["NUM_FINE"])
-        loss = F.mse_loss(rgb, target)
+                                      Shard(generator, lo, cfg["BATCH_SIZE"]), grid, cfg["NUM_FINE"])
+        loss = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
         if cfg["OPACITY_REG"]:
             loss = loss + cfg["OPACITY_REG"] * (acc * (1 - acc)).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -341,8 +420,10 @@ def train(cfg):
         step += 1
         dt = time.perf_counter() - t0
         train_s += dt
+        if world > 1 and cfg["TIME_BUDGET_S"]:  # every rank must stop at the same step
+            train_s = all_reduce([train_s], "max")[0]
         rays_per_s = cfg["BATCH_SIZE"] / dt if rays_per_s == 0 else 0.9 * rays_per_s + 0.1 * cfg["BATCH_SIZE"] / dt
-        if step % cfg["LOG_EVERY"] == 0 or done():
+        if main_rank and (step % cfg["LOG_EVERY"] == 0 or done()):
             stats = {"train/loss": loss.item(), "train/psnr": -10 * math.log10(max(loss.item(), 1e-10)),
                      "train/grad_norm": grad_norm.item(), "train/lr": lr, "train/rays_per_s": rays_per_s}
             bar.set_postfix(loss=f"{stats['train/loss']:.4f}", psnr=f"{stats['train/psnr']:.2f}",
@@ -351,10 +432,11 @@ def train(cfg):
                 run.log(stats, step=step)
         bar.update(1)
         if cfg["EVAL_EVERY"] and step % cfg["EVAL_EVERY"] == 0 and not done():
-            scores, first = evaluate_views(net, val_views, scene, cfg, grid, amp, cfg["EVAL_VIEWS"])
+            scores, first = evaluate_views(fast, val_views, scene, cfg, grid, amp, cfg["EVAL_VIEWS"], rank=rank,
+                                           world=world)
             history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
             bar.write(f"step {step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
-                      f"({scores['views']} views, {train_s:.0f} s)")
+                      f"({scores['views']} views, {train_s:.0f} s)") if main_rank else None
             if run:
                 run.log({"val/psnr": scores["psnr"], "val/ssim": scores["ssim"]}, step=step)
                 log_images(run, step, first)
@@ -362,9 +444,10 @@ def train(cfg):
             checkpoint()
     bar.close()
     checkpoint()
+    del net  # a DDP module must be garbage-collected before destroy_process_group (see train)
 
     t0 = time.perf_counter()
-    scores, first = evaluate_views(net, val_views, scene, cfg, grid, amp)
+    scores, first = evaluate_views(fast, val_views, scene, cfg, grid, amp, rank=rank, world=world)
     history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
     metrics = {"experiment": cfg["EXPERIMENT"], "val_psnr": scores["psnr"], "val_ssim": scores["ssim"],
                "val_views": scores["views"], "steps": step, "train_seconds": round(train_s, 2),
@@ -372,21 +455,23 @@ def train(cfg):
                "rays_per_s": round(step * cfg["BATCH_SIZE"] / max(train_s, 1e-9), 1),
                "samples_per_s": round(step * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
                                       / max(train_s, 1e-9), 1),
-               "device": str(device), "history": history}
+               "device": str(device), "world_size": world, "history": history}
+    if not main_rank:
+        return metrics
     print(f"final: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} on {scores['views']} views "
           f"after {step} steps, {train_s:.0f} s", file=sys.stderr)
     if cfg["VIDEO_FRAMES"]:
         t0 = time.perf_counter()
-        video = render_videos(net, val_views, scene, cfg, grid, amp, out_dir)
+        video = render_videos(fast, val_views, scene, cfg, grid, amp, out_dir)
         metrics["video_seconds"] = round(time.perf_counter() - t0, 2)
     if cfg["MODEL"] == "bitnerf":
         metrics.update(export_and_evaluate(model, cfg, val_views, scene, grid, amp, out_dir))
-        if run:
-            import wandb
-
-            run.log({"video": wandb.Video(video, format="mp4")}, step=step)
     write_json(metrics, os.path.join(out_dir, "metrics.json"))
     if run:
+        import wandb
+
+        if cfg["VIDEO_FRAMES"]:
+            run.log({"video": wandb.Video(video, format="mp4")}, step=step)
         run.log({"val/psnr": scores["psnr"], "val/ssim": scores["ssim"]}, step=step)
         log_images(run, step, first)
         run.finish()

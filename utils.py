@@ -8,6 +8,17 @@ import torch
 import torch.nn as nn
 
 Rays = namedtuple("Rays", ["origins", "viewdirs"])
+# One rank's rows [lo, lo + rows) of a global batch of `total` rays: random draws are made for the whole batch
+# from a generator every rank holds in the same state, then sliced, so a step does not depend on the world size.
+Shard = namedtuple("Shard", ["generator", "lo", "total"])
+
+
+def uniform(generator, rows, cols, like):
+    """U[0, 1) of shape (rows, cols) like `like`; with a Shard, this rank's rows of the global draw."""
+    if isinstance(generator, Shard):
+        u = torch.rand(generator.total, cols, generator=generator.generator, device=like.device, dtype=like.dtype)
+        return u[generator.lo: generator.lo + rows]
+    return torch.rand(rows, cols, generator=generator, device=like.device, dtype=like.dtype)
 
 
 def pixel_directions(i, j, H, W, focal):
@@ -36,7 +47,7 @@ def sample_along_rays(rays, near, far, num_samples, generator=None):
     if generator is None:
         u = torch.full_like(bins, 0.5)
     else:
-        u = torch.rand(bins.shape, generator=generator, device=bins.device, dtype=bins.dtype)
+        u = uniform(generator, R, num_samples, bins)
     return near + (far - near) * (bins + u) / num_samples
 
 
@@ -68,7 +79,7 @@ def sample_pdf(t, weights, far, num, generator=None):
     edges = torch.cat([t[:, :1], (t[:, 1:] + t[:, :-1]) / 2, torch.full_like(t[:, :1], far)], dim=-1)
     pdf = weights + 1e-5  # a ray the first pass found empty still gets evenly spread samples
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf / pdf.sum(-1, keepdim=True), dim=-1)], -1)
-    jitter = 0.5 if generator is None else torch.rand(R, num, generator=generator, device=t.device, dtype=t.dtype)
+    jitter = 0.5 if generator is None else uniform(generator, R, num, t)
     u = ((torch.arange(num, device=t.device, dtype=t.dtype) + jitter) / num).expand(R, num).contiguous()
     hi = torch.searchsorted(cdf.contiguous(), u, right=True).clamp(1, S)
     c0, c1 = cdf.gather(-1, hi - 1), cdf.gather(-1, hi)
@@ -138,7 +149,7 @@ def shade(model, rays, t, far, background, grid=None):
     """Query the model at depths t (only where the occupancy grid says there may be density) and composite."""
     pts = rays.origins[:, None, :] + rays.viewdirs[:, None, :] * t[..., None]
     keep = grid.occupied(pts) if grid is not None else torch.ones_like(t, dtype=torch.bool)
-    dirs = rays.viewdirs[:, None, :].expand_as(pts)[keep] if model.use_viewdirs else None
+    dirs = rays.viewdirs[:, None, :].expand_as(pts)[keep] if getattr(model, "module", model).use_viewdirs else None
     rgb_kept, sigma_kept = model(pts[keep], dirs)
     rgb = torch.zeros(*t.shape, 3, device=t.device, dtype=torch.float32).index_put((keep,), rgb_kept.float())
     sigma = torch.zeros(t.shape, device=t.device, dtype=torch.float32).index_put((keep,), sigma_kept.float())

@@ -118,3 +118,8 @@ def test_eval_evaluates_the_export_file(bit_cfg):
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["exported"] and abs(result["psnr"] - metrics["export_psnr"]) < 1e-3
+    again = os.path.join(bit_cfg["OUT_DIR"], "again.pt")
+    out = run_cli("bitnerf.py", bit_cfg["OUT_DIR"], f"--out={again}")  # export from the checkpoint
+    assert out.returncode == 0, out.stderr
+    a, b = (torch.load(p, weights_only=True) for p in (again, os.path.join(bit_cfg["OUT_DIR"], "bitnerf_ternary.pt")))
+    assert torch.equal(a["packed"], b["packed"]) and torch.equal(a["rest"], b["rest"])

@@ -12,9 +12,10 @@ from conftest import ROOT, SHARED_DATA
 from configs import EXP1, UserError
 
 
-def run_cli(*args, cwd=ROOT):
-    """Run a script of the repo; returns the completed process."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def run_cli(*args, cwd=ROOT, env=None):
+    """Run a script of the repo (with extra environment variables); returns the completed process."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
 
 
 def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
@@ -52,6 +53,41 @@ def test_resume_after_interruption_gives_the_same_parameters(small_cfg, tmp_path
     for k, v in expected["model"].items():
         assert torch.equal(resumed["model"][k], v), k
     assert metrics["val_psnr"] == json.load(open(os.path.join(straight["OUT_DIR"], "metrics.json")))["val_psnr"]
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch, train
+real = torch.save
+def save(obj, f, **kwargs):
+    if isinstance(obj, dict) and obj.get("step") == 20:
+        f.write(b"half a checkpoint"); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
+    real(obj, f, **kwargs)
+torch.save = save
+train.main(__import__("configs").EXP1, sys.argv[1:])
+"""
+
+
+def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(small_cfg, tmp_path):
+    args = [f"--{k.lower()}={v}" for k, v in small_cfg.items() if k not in ("EXPERIMENT",)]
+    killed = run_cli("-c", KILL_DURING_SAVE, *args)
+    assert killed.returncode == -9, killed.stderr
+    path = os.path.join(small_cfg["OUT_DIR"], "ckpt.pt")
+    assert os.path.getsize(path + ".tmp") > 0  # the half-written file is there, under its temp name
+    assert torch.load(path, weights_only=True)["step"] == 10  # the previous checkpoint is intact
+    rerun = run_cli("exp1.py", *args)
+    assert rerun.returncode == 0 and "resuming" in rerun.stderr and "at step 10" in rerun.stderr, rerun.stderr
+    assert torch.load(path, weights_only=True)["step"] == 40 and not os.path.exists(path + ".tmp")
+
+
+def test_disk_full_during_training_is_a_clear_error_and_keeps_the_last_checkpoint(small_cfg):
+    train.train({**small_cfg, "MAX_STEPS": 10})
+    path = os.path.join(small_cfg["OUT_DIR"], "ckpt.pt")
+    before = open(path, "rb").read()
+    os.symlink("/dev/full", path + ".tmp")  # the next checkpoint write hits a full disk (ENOSPC)
+    with pytest.raises(UserError, match=r"could not write .*ckpt.pt \(No space left on device\); the previous one"):
+        train.train({**small_cfg, "MAX_STEPS": 30})
+    assert open(path, "rb").read() == before and not os.path.lexists(path + ".tmp")
+    assert torch.load(path, weights_only=True)["step"] == 10
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(small_cfg, monkeypatch):
@@ -108,7 +144,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     blocker.write_text("keep me")
     one_line_error(run_cli("exp1.py", *FAST, f"--out_dir={blocker / 'sub'}"), "cannot write to --out_dir")
     assert blocker.read_text() == "keep me"
-    one_line_error(run_cli("exp2.py", *FAST, f"--out_dir={tmp_path / 'b'}"), "not implemented yet")
+    one_line_error(run_cli("exp2.py", *FAST, "--dtype=float16", "--device=cpu", f"--out_dir={tmp_path / 'b'}"),
+                   "float16 needs CUDA")
+    one_line_error(run_cli("exp5.py", *FAST, "--ddp_backend=nccl", f"--out_dir={tmp_path / 'c'}",
+                           env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                "MASTER_PORT": "29599"}), "nccl needs CUDA")
     one_line_error(run_cli("eval.py", str(tmp_path / "none")), "no checkpoint at")
 
 

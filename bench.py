@@ -1,9 +1,10 @@
 """Benchmark the experiments on this machine and print markdown tables.
 
 Speed (default): per experiment, the MLP training step's GFLOP/s against this machine's torch.mm peak
-(same run, same dtype), and real training throughput (rays/s, samples/s) and peak memory over --steps
-steps of the training loop on lego_tiny.
-    python bench.py [--exps=exp1,exp2,exp3] [--steps=150] [--compile=both|on|off] [--data=PATH]
+(same run, same dtype), the forward pass's inference samples/s (and the ternary export's, for BitNeRF),
+and real training throughput (rays/s, samples/s) and peak memory over --steps steps of the training
+loop on lego_tiny.
+    python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off] [--data=PATH]
 Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
 of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget).
     python bench.py --quality [--budget_s=600] [--exps=exp1]
@@ -76,6 +77,25 @@ def mlp_step_gflops(cfg, device, reps=5):
     return mlp_flops_per_point(model) * len(pts) / sorted(times[2:])[reps // 2] / 1e9
 
 
+@torch.no_grad()
+def inference_samples_per_s(model, cfg, device, reps=5):
+    """Median points per second of the model's forward pass alone (rendering for eval and video)."""
+    import train
+
+    amp = train.autocast_context(cfg, device)
+    pts = torch.rand(cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"], 3, device=device) * 2 - 1
+    dirs = pts if cfg["USE_VIEWDIRS"] else None
+    times = []
+    for _ in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        with amp:
+            model(pts, dirs)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return len(pts) / sorted(times[1:])[reps // 2]
+
+
 def peak_memory_mb(device):
     """Peak GPU memory allocated, or the process's peak resident memory on CPU, in MiB."""
     if device.type == "cuda":
@@ -102,6 +122,14 @@ def run_child(args):
     else:
         cfg.update(MAX_STEPS=args.steps, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
         row["mlp_gflops"] = round(mlp_step_gflops(cfg, device), 1)
+        model = train.build_model(cfg, device).eval()
+        row["infer_samples_per_s"] = round(inference_samples_per_s(model, cfg, device))
+        if cfg["MODEL"] == "bitnerf":  # and the exported ternary model, as eval.py runs it
+            from bitnerf import export_ternary, load_ternary
+            from nerf import model_kwargs
+
+            exported = load_ternary(export_ternary(model, {}), model_kwargs(cfg)).to(device)
+            row["export_infer_samples_per_s"] = round(inference_samples_per_s(exported, cfg, device))
         metrics = train.train(cfg)
         row.update(rays_per_s=metrics["rays_per_s"], samples_per_s=metrics["samples_per_s"])
     row["peak_mem_mb"] = round(peak_memory_mb(device))
@@ -118,7 +146,7 @@ def markdown(rows, cols):
 def main():
     """Run each experiment in a child process and print the table."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--exps", default="exp1,exp2,exp3")
+    p.add_argument("--exps", default="exp1,exp2,exp3,exp4")
     p.add_argument("--data", default=SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
     p.add_argument("--steps", type=int, default=150, help="training steps timed per experiment")
     p.add_argument("--compile", default="both", choices=("both", "on", "off"))
@@ -157,7 +185,8 @@ def main():
         print(markdown(rows, ["exp", "dtype", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s"]))
     else:
         print(markdown(rows, ["exp", "dtype", "compile", "samples_per_ray", "rays_per_s", "samples_per_s",
-                              "mlp_gflops", "% of mm peak", "peak_mem_mb"]))
+                              "mlp_gflops", "% of mm peak", "infer_samples_per_s", "export_infer_samples_per_s",
+                              "peak_mem_mb"]))
 
 
 if __name__ == "__main__":

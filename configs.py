@@ -40,6 +40,7 @@ EXP1 = {
     "AMSGRAD": False,            # AdamW's AMSGrad variant
     "FUSED_OPTIM": False,        # fused AdamW kernel where the device supports it (a notice and the plain one elsewhere)
     "OPACITY_REG": 0.0,          # weight of mean(acc * (1 - acc)): pushes each ray to fully opaque or fully empty
+    "NONFINITE": "stop",         # on a NaN/inf gradient: 'stop' (keep the last checkpoint, exit 2) or 'skip' the step
     "GRAD_CLIP": 0.0,            # clip the gradient norm to this (0 = off; the norm is logged either way)
     "MAX_STEPS": 7000,           # training steps; the LR schedule spans them (or TIME_BUDGET_S if that ends first)
     "TIME_BUDGET_S": 0.0,        # stop training after this many seconds, then evaluate (0 = off)
@@ -71,7 +72,7 @@ EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5"}
 EXP6 = {**EXP4, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6"}
 
 CHOICES = {"MODEL": ("nerf", "bitnerf"), "DENSITY_ACT": ("relu", "softplus"), "DTYPE": ("float32", "bfloat16", "float16"), "DEVICE": ("auto", "cpu", "cuda"),
-           "DDP_BACKEND": ("auto", "nccl", "gloo"), "WANDB": ("auto", "online", "offline", "disabled")}
+           "DDP_BACKEND": ("auto", "nccl", "gloo"), "NONFINITE": ("stop", "skip"), "WANDB": ("auto", "online", "offline", "disabled")}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES")
 NON_NEGATIVE = ("NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",

@@ -46,8 +46,25 @@ def init_distributed(cfg, device):
                               "lower torchrun's --nproc_per_node")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend, store=attempt_store(), rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def attempt_store():
+    """torchrun's rendezvous store, under a prefix per restart attempt.
+
+    After `--max-restarts` restarts a group, torchrun hands the workers the same agent store; without a
+    prefix a restarted rank can read the dead attempt's gloo addresses and fail with "Connection refused".
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it, as torch does
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=not agent and os.environ["RANK"] == "0", timeout=timedelta(minutes=10))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def all_reduce(values, op="sum"):
@@ -412,10 +429,16 @@ def fit(cfg, rank, world, device):
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"] or float("inf"))
-        if not torch.isfinite(loss) or (not torch.isfinite(grad_norm) and not scaler.is_enabled()):
+        # the gradient norm is taken after DDP's all-reduce, so every rank makes the same decision
+        bad = not torch.isfinite(grad_norm) and not scaler.is_enabled()
+        if bad and cfg["NONFINITE"] == "stop":
             raise UserError(f"non-finite loss or gradient at step {step + 1}; the last good checkpoint is kept in "
-                            f"{ckpt_path}; lower --lr or set --grad_clip")
-        scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped and the scale lowered
+                            f"{ckpt_path}; lower --lr, set --grad_clip, or --nonfinite=skip")
+        if bad:
+            print(f"notice: non-finite gradient at step {step + 1}; step skipped", file=sys.stderr)
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped and the scale lowered
         scaler.update()
         step += 1
         dt = time.perf_counter() - t0

@@ -107,6 +107,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(small_cfg, monkeypa
     assert open(path, "rb").read() == before
 
 
+def test_non_finite_steps_can_be_skipped_instead(small_cfg, monkeypatch):
+    real, calls = train.render_rays, []
+
+    def nan_on_the_fifth_call(*args, **kwargs):
+        rgb, depth, acc = real(*args, **kwargs)
+        calls.append(1)
+        return (rgb * float("nan") if len(calls) == 5 else rgb), depth, acc
+
+    monkeypatch.setattr(train, "render_rays", nan_on_the_fifth_call)
+    metrics = train.train({**small_cfg, "NONFINITE": "skip"})
+    assert metrics["steps"] == small_cfg["MAX_STEPS"] and metrics["val_psnr"] > 0
+    ckpt = torch.load(os.path.join(small_cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
 def test_eval_prints_one_json_line(small_cfg):
     metrics = train.train(small_cfg)
     res = run_cli("eval.py", small_cfg["OUT_DIR"], "--data=synthetic")

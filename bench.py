@@ -13,7 +13,6 @@ Each experiment runs in its own process so that its peak memory is its own.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -96,13 +95,6 @@ def inference_samples_per_s(model, cfg, device, reps=5):
     return len(pts) / sorted(times[1:])[reps // 2]
 
 
-def peak_memory_mb(device):
-    """Peak GPU memory allocated, or the process's peak resident memory on CPU, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_child(args):
     """Measure one experiment in this process and print one JSON line."""
     import train
@@ -132,7 +124,7 @@ def run_child(args):
             row["export_infer_samples_per_s"] = round(inference_samples_per_s(exported, cfg, device))
         metrics = train.train(cfg)
         row.update(rays_per_s=metrics["rays_per_s"], samples_per_s=metrics["samples_per_s"])
-    row["peak_mem_mb"] = round(peak_memory_mb(device))
+    row["peak_mem_mb"] = round(train.peak_memory_mb(device))
     print("BENCH " + json.dumps(row), flush=True)
 
 

@@ -161,10 +161,8 @@ def main(argv=None):
     p.add_argument("ckpt", help="run directory holding ckpt.pt, or a checkpoint file")
     p.add_argument("--out", default=None, help="export path (default: bitnerf_ternary.pt beside the checkpoint)")
     args = p.parse_args(argv)
-    path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
     try:
-        if not os.path.exists(path):
-            raise UserError(f"no checkpoint at {path}; pass a run directory (holding ckpt.pt) or a .pt file")
+        path = train.checkpoint_path(args.ckpt)
         ckpt = train.load_checkpoint(path)
         cfg = {**EXP1, **ckpt["config"]}
         if cfg["MODEL"] != "bitnerf":

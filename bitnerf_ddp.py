@@ -8,7 +8,6 @@ wrong otherwise, as in the seed: quantizing rank 0's live model in place mid-tra
 training different models, and calling `model.module` for the forward bypasses the gradient all-reduce.
 Export and checkpoints come from the unwrapped module on rank 0 only (train.py), never from the DDP wrapper.
 """
-import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 

@@ -31,6 +31,7 @@ EXP1 = {
     "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training and rendering)
     "SCENE_BOUND": 1.5,          # the scene lies inside the cube [-SCENE_BOUND, SCENE_BOUND]^3 (grid extent)
     "GRID_RES": 64,              # occupancy grid cells per axis
+    "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)
     # optimisation
     "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
     "LR": 2e-3,                  # peak AdamW learning rate
@@ -65,7 +66,8 @@ EXP2 = {**EXP1, "EXPERIMENT": "exp2", "OUT_DIR": "out/exp2", "DTYPE": "bfloat16"
 # exp3: more samples per ray, spent where the density is (coarse -> fine), plus regularisation.
 EXP3 = {**EXP1, "EXPERIMENT": "exp3", "OUT_DIR": "out/exp3", "NUM_FINE": 16, "OPACITY_REG": 1e-3}
 # exp4: BitNeRF, ternary hidden weights trained with BitNet b1.58 QAT; exported 2-bit packed at the end.
-EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4", "MODEL": "bitnerf"}
+# LR 1e-2: the latent weights must move far enough to flip their ternary value (150 s sweep in the README).
+EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4", "MODEL": "bitnerf", "LR": 1e-2}
 # exp5 / exp6: exp1 / exp4 under DistributedDataParallel: `torchrun --standalone --nproc_per_node=2 exp5.py`.
 # BATCH_SIZE stays the global batch (each of N processes renders BATCH_SIZE / N rays), so the LR is unchanged.
 EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5"}
@@ -75,7 +77,7 @@ CHOICES = {"MODEL": ("nerf", "bitnerf"), "DENSITY_ACT": ("relu", "softplus"), "D
            "DDP_BACKEND": ("auto", "nccl", "gloo"), "NONFINITE": ("stop", "skip"), "WANDB": ("auto", "online", "offline", "disabled")}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES")
-NON_NEGATIVE = ("NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
+NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
                 "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES")
 
 
@@ -110,6 +112,8 @@ def check_config(cfg):
     for key in NON_NEGATIVE:
         if not cfg[key] >= 0:
             raise ConfigError(f"--{key.lower()}={cfg[key]}: must be >= 0")
+    if cfg["ERT_TRANSMITTANCE"] >= 1:
+        raise ConfigError(f"--ert_transmittance={cfg['ERT_TRANSMITTANCE']}: must be below 1 (1e-4 is a good value; 0 = off)")
     if cfg["MIN_LR"] > cfg["LR"]:
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
 

@@ -4,7 +4,6 @@ python eval.py RUN_DIR_OR_CKPT_OR_EXPORT [--data=PATH] [--split=auto|all|train|v
 """
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -12,8 +11,8 @@ from bitnerf import EXPORT_FORMAT, load_ternary
 from configs import EXP1, UserError
 from dataset import load_scene
 from nerf import model_kwargs
-from train import (autocast_context, build_grid, build_model, evaluate_views, load_checkpoint, rebuild_grid,
-                   resolve_device)
+from train import (autocast_context, build_grid, build_model, checkpoint_path, evaluate_views, load_checkpoint,
+                   rebuild_grid, resolve_device)
 
 
 def default_split(data, scene):
@@ -25,10 +24,7 @@ def default_split(data, scene):
 
 def run(args):
     """Load the checkpoint (or BitNeRF ternary export) and data, render, and return the metrics dict."""
-    path = os.path.join(args.ckpt, "ckpt.pt") if os.path.isdir(args.ckpt) else args.ckpt
-    if not os.path.exists(path):
-        raise UserError(f"no checkpoint at {path}; pass a run directory (holding ckpt.pt) or a .pt file")
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(checkpoint_path(args.ckpt))
     cfg = {**EXP1, **ckpt["config"]}  # keys added since the checkpoint was written take their defaults
     device = resolve_device(args.device)
     exported = ckpt.get("format") == EXPORT_FORMAT

@@ -68,14 +68,21 @@ def attempt_store():
 
 
 def all_reduce(values, op="sum"):
-    """Sum (or max) a list of floats over all ranks; unchanged without a process group."""
+    """Sum (or max) a list of floats over all ranks of the process group."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
 
 
 def autocast_context(cfg, device):
@@ -132,6 +139,14 @@ def save_checkpoint(ckpt, path, **save_kwargs):
         kept = "the previous one is kept" if os.path.exists(path) else "there is no earlier one"
         raise UserError(f"could not write {path} ({e.strerror or e}); {kept}; free disk space or pick another "
                         "--out_dir, then rerun to resume") from None
+
+
+def checkpoint_path(arg):
+    """The checkpoint file a command-line argument names: RUN_DIR/ckpt.pt for a run directory, else the file."""
+    path = os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; pass a run directory (holding ckpt.pt) or a .pt file")
+    return path
 
 
 def load_checkpoint(path):
@@ -195,7 +210,7 @@ def render_view(model, c2w, views, scene, cfg, grid, amp):
     H, W = views.hw
     with amp:
         return render_image(model, c2w, H, W, views.focal, scene.near, scene.far, cfg["NUM_SAMPLES"],
-                            scene.background, cfg["CHUNK"], grid, cfg["NUM_FINE"])
+                            scene.background, cfg["CHUNK"], grid, cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"])
 
 
 def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None, rank=0, world=1):
@@ -368,7 +383,7 @@ def fit(cfg, rank, world, device):
     # every rank holds the same generator state: each draws the global batch and keeps its shard (utils.Shard)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg["SEED"])
-    step, train_s, history = 0, 0.0, []
+    step, train_s, history, curve = 0, 0.0, [], []  # validation scores; training loss every LOG_EVERY steps
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])  # into torchao weights too: their copy_ writes the inner tensor
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -376,7 +391,7 @@ def fit(cfg, rank, world, device):
         generator.set_state(ckpt["generator"].to(generator.get_state().device))
         if grid is not None:
             grid.load_state_dict(ckpt["grid"])
-        step, train_s, history = ckpt["step"], ckpt["train_seconds"], ckpt["history"]
+        step, train_s, history, curve = ckpt["step"], ckpt["train_seconds"], ckpt["history"], ckpt.get("curve", [])
         if main_rank:
             print(f"resuming {ckpt_path} at step {step} ({train_s:.0f} s trained)", file=sys.stderr)
 
@@ -386,7 +401,7 @@ def fit(cfg, rank, world, device):
                              "scaler": scaler.state_dict(), "step": step, "config": cfg,
                              "generator": generator.get_state(), "train_seconds": train_s,
                              "grid": grid.state_dict() if grid is not None else None, "history": history,
-                             "wandb_id": run.id if run else None}, ckpt_path)
+                             "curve": curve, "wandb_id": run.id if run else None}, ckpt_path)
 
     fast = torch.compile(model, dynamic=True) if cfg["COMPILE"] else model  # the grid varies the batch size
     compile_s = 0.0
@@ -449,6 +464,7 @@ def fit(cfg, rank, world, device):
         if main_rank and (step % cfg["LOG_EVERY"] == 0 or done()):
             stats = {"train/loss": loss.item(), "train/psnr": -10 * math.log10(max(loss.item(), 1e-10)),
                      "train/grad_norm": grad_norm.item(), "train/lr": lr, "train/rays_per_s": rays_per_s}
+            curve.append({"step": step, "train_seconds": round(train_s, 2), "loss": stats["train/loss"]})
             bar.set_postfix(loss=f"{stats['train/loss']:.4f}", psnr=f"{stats['train/psnr']:.2f}",
                             rays_s=f"{rays_per_s:.0f}")
             if run:
@@ -478,7 +494,8 @@ def fit(cfg, rank, world, device):
                "rays_per_s": round(step * cfg["BATCH_SIZE"] / max(train_s, 1e-9), 1),
                "samples_per_s": round(step * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
                                       / max(train_s, 1e-9), 1),
-               "device": str(device), "world_size": world, "history": history}
+               "peak_mem_mb": round(peak_memory_mb(device)), "device": str(device), "world_size": world,
+               "history": history, "curve": curve}
     if not main_rank:
         return metrics
     print(f"final: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} on {scores['views']} views "

@@ -11,6 +11,7 @@ Rays = namedtuple("Rays", ["origins", "viewdirs"])
 # One rank's rows [lo, lo + rows) of a global batch of `total` rays: random draws are made for the whole batch
 # from a generator every rank holds in the same state, then sliced, so a step does not depend on the world size.
 Shard = namedtuple("Shard", ["generator", "lo", "total"])
+ERT_BLOCK = 8  # samples per ray queried at a time under early ray termination (fewer: more, smaller model calls)
 
 
 def uniform(generator, rows, cols, like):
@@ -145,37 +146,62 @@ class OccupancyGrid(nn.Module):
         self.refresh()
 
 
-def shade(model, rays, t, far, background, grid=None):
-    """Query the model at depths t (only where the occupancy grid says there may be density) and composite."""
-    pts = rays.origins[:, None, :] + rays.viewdirs[:, None, :] * t[..., None]
-    keep = grid.occupied(pts) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+def query_kept(model, rays, pts, keep):
+    """The model's rgb (..., 3) and density (...) at pts (R, S, 3); zero where keep is False, which is never queried."""
     dirs = rays.viewdirs[:, None, :].expand_as(pts)[keep] if getattr(model, "module", model).use_viewdirs else None
     rgb_kept, sigma_kept = model(pts[keep], dirs)
-    rgb = torch.zeros(*t.shape, 3, device=t.device, dtype=torch.float32).index_put((keep,), rgb_kept.float())
-    sigma = torch.zeros(t.shape, device=t.device, dtype=torch.float32).index_put((keep,), sigma_kept.float())
+    rgb = torch.zeros(*keep.shape, 3, device=pts.device, dtype=torch.float32).index_put((keep,), rgb_kept.float())
+    sigma = torch.zeros(keep.shape, device=pts.device, dtype=torch.float32).index_put((keep,), sigma_kept.float())
+    return rgb, sigma
+
+
+def shade(model, rays, t, far, background, grid=None, min_transmittance=0.0):
+    """Query the model at depths t (only where the occupancy grid says there may be density) and composite.
+
+    With min_transmittance > 0 and no gradients (rendering), samples are queried front to back in blocks of
+    ERT_BLOCK, and a ray whose transmittance fell below min_transmittance is no longer queried (early ray
+    termination): the skipped samples could change its colour and opacity by less than min_transmittance.
+    """
+    pts = rays.origins[:, None, :] + rays.viewdirs[:, None, :] * t[..., None]
+    keep = grid.occupied(pts) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    if not min_transmittance or torch.is_grad_enabled():
+        rgb, sigma = query_kept(model, rays, pts, keep)
+        return volume_render(rgb, sigma, t, far, background)
+    deltas = torch.diff(t, dim=-1, append=torch.full_like(t[..., :1], far))
+    rgb, sigma = torch.zeros(*t.shape, 3, device=t.device), torch.zeros(t.shape, device=t.device)
+    optical_depth = torch.zeros(t.shape[0], device=t.device)  # -log transmittance before the current block
+    for lo in range(0, t.shape[1], ERT_BLOCK):
+        block = slice(lo, lo + ERT_BLOCK)
+        alive = optical_depth < -math.log(min_transmittance)
+        rgb[:, block], sigma[:, block] = query_kept(model, rays, pts[:, block], keep[:, block] & alive[:, None])
+        optical_depth += (sigma[:, block] * deltas[:, block]).sum(-1)
     return volume_render(rgb, sigma, t, far, background)
 
 
-def render_rays(model, rays, near, far, num_samples, background, generator=None, grid=None, num_fine=0):
+def render_rays(model, rays, near, far, num_samples, background, generator=None, grid=None, num_fine=0,
+                min_transmittance=0.0):
     """Render rays: stratified samples, and with num_fine a coarse -> fine pass as in the NeRF paper.
 
     The coarse pass runs without gradients through the same model; its weights place num_fine more
     samples, and the loss sees the union of both sets (so empty space is still supervised).
+    min_transmittance turns on early ray termination when rendering (see shade).
     Returns rgb (R, 3), depth (R,), opacity (R,).
     """
     t = sample_along_rays(rays, near, far, num_samples, generator)
     if num_fine:
         with torch.no_grad():
-            weights = shade(model, rays, t, far, background, grid)[3]
+            weights = shade(model, rays, t, far, background, grid, min_transmittance)[3]
         t = torch.sort(torch.cat([t, sample_pdf(t, weights, far, num_fine, generator)], dim=-1), dim=-1).values
-    return shade(model, rays, t, far, background, grid)[:3]
+    return shade(model, rays, t, far, background, grid, min_transmittance)[:3]
 
 
 @torch.no_grad()
-def render_image(model, c2w, H, W, focal, near, far, num_samples, background, chunk, grid=None, num_fine=0):
+def render_image(model, c2w, H, W, focal, near, far, num_samples, background, chunk, grid=None, num_fine=0,
+                 min_transmittance=0.0):
     """Render one view CHUNK rays at a time (memory independent of image size); rgb (H,W,3), depth, opacity."""
     rays = get_rays(c2w, H, W, focal)
-    outs = [render_rays(model, Rays(o, d), near, far, num_samples, background, grid=grid, num_fine=num_fine)
+    outs = [render_rays(model, Rays(o, d), near, far, num_samples, background, grid=grid, num_fine=num_fine,
+                        min_transmittance=min_transmittance)
             for o, d in zip(rays.origins.split(chunk), rays.viewdirs.split(chunk))]
     rgb, depth, acc = (torch.cat(x) for x in zip(*outs))
     return rgb.reshape(H, W, 3), depth.reshape(H, W), acc.reshape(H, W)

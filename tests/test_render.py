@@ -141,3 +141,22 @@ def test_density_is_alive_at_initialisation():
             model = NeRF(pos_encode_dims=10, num_layers=8, emb_dim=64, use_viewdirs=use_viewdirs)
             sigma = model(x, d if use_viewdirs else None)[1]
             assert (sigma > 0).float().mean() > 0.9, (use_viewdirs, seed)
+
+
+def test_early_ray_termination_stops_querying_behind_surfaces_and_keeps_the_render():
+    c2w = pose_spherical(40.0, -30.0, 4.0)
+    queried = []
+
+    class Counting(Blob):
+        def forward(self, x, d=None):
+            queried.append(x.shape[0])
+            return super().forward(x, d)
+
+    # a 12 x 12 view that the solid blob fills: every ray hits it about half-way along
+    (rgb, depth, acc) = render_image(Counting(), c2w, 12, 12, 60.0, 2.0, 6.0, 128, torch.zeros(3), chunk=50)
+    n_full, queried[:] = sum(queried), []
+    ert = render_image(Counting(), c2w, 12, 12, 60.0, 2.0, 6.0, 128, torch.zeros(3), chunk=50, min_transmittance=1e-4)
+    assert acc.min() > 0.999 and sum(queried) < 0.7 * n_full  # samples inside the blob are never queried
+    # what is skipped lies behind transmittance < 1e-4: colour and opacity move by less than that
+    assert (rgb - ert[0]).abs().max() < 1e-4 and (acc - ert[2]).abs().max() < 1e-4
+    assert (depth - ert[1]).abs().max() < 6.0 * 1e-4

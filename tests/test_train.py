@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, SHARED_DATA
-from configs import EXP1, UserError
+from conftest import ROOT
+from configs import UserError
 
 
-def run_cli(*args, cwd=ROOT, env=None):
+def run_cli(*args, cwd=ROOT, env=None, timeout=300):
     """Run a script of the repo (with extra environment variables); returns the completed process."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 

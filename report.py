@@ -1,0 +1,226 @@
+"""Run every experiment under one time budget and write media/results.md, curves.png and per-experiment GIFs.
+
+    python report.py [--budget_s=600] [--data=PATH] [--only=exp1,exp4] [--quick] [--wandb=auto]
+
+Each experiment trains from scratch in its own run directory (exp5/exp6 under torchrun with 2 processes),
+is evaluated on the held-out views at the end of its run, and its 360-degree orbit and depth GIFs are
+copied to the media directory. A full report (not --quick) also rewrites the README's results block.
+--quick (a few seconds per experiment, outputs under the run directory) checks that the pipeline works.
+"""
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import configs
+from bench import SHARED_TINY, markdown
+
+EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4", "exp5", "exp6")
+DDP_PROCS = {"exp5": 2, "exp6": 2}
+VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
+QUICK = {"budget_s": 10.0, "video_frames": 4, "eval_every": 25, "data": "synthetic"}
+README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
+COLUMNS = ["experiment", "precision", "bits/weight", "processes", "steps", "train s", "wall s", "samples/s",
+           "peak mem MB", "checkpoint", "export", "val PSNR", "val SSIM"]
+
+
+def precision(cfg):
+    """What the experiment computes in: weights and autocast dtype."""
+    weights = "ternary QAT" if cfg["MODEL"] == "bitnerf" else "fp32"
+    return weights if cfg["DTYPE"] == "float32" else f"{weights}, {cfg['DTYPE']} autocast"
+
+
+def bits_per_weight(cfg):
+    """Bits per hidden-layer weight of the model as saved for inference."""
+    return "1.58 (2 packed)" if cfg["MODEL"] == "bitnerf" else "32"
+
+
+def size_text(path):
+    """A file's size in kB or MB, or '-' if there is none."""
+    if not os.path.exists(path):
+        return "-"
+    size = os.path.getsize(path)
+    return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+
+
+def command(exp, args, run_dir):
+    """The command line that trains one experiment for the report."""
+    launch = [sys.executable, f"{exp}.py"]
+    if exp in DDP_PROCS:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={DDP_PROCS[exp]}",
+                  f"{exp}.py"]
+    overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
+                 "--max_steps=1000000000", f"--wandb={args.wandb}",  # the budget, not MAX_STEPS, ends each run
+                 f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}"]
+    if args.quick:
+        overrides.append(f"--eval_every={QUICK['eval_every']}")
+    return launch + overrides
+
+
+def run_experiment(exp, args, run_dir, group):
+    """Train one experiment (its output goes to run_dir/log.txt); its metrics, or None if it failed."""
+    os.makedirs(run_dir, exist_ok=True)
+    cmd = command(exp, args, run_dir)
+    print(f"[{time.strftime('%H:%M:%S')}] {exp}: {shlex.join(cmd)}", flush=True)
+    t0 = time.perf_counter()
+    with open(os.path.join(run_dir, "log.txt"), "w") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)),
+                              env={**os.environ, "WANDB_RUN_GROUP": group}).returncode
+    wall = time.perf_counter() - t0
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if code or not os.path.exists(metrics_path):
+        print(f"{exp} failed (exit code {code}); see {os.path.join(run_dir, 'log.txt')}", file=sys.stderr)
+        return None
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    print(f"  {metrics['steps']} steps, val PSNR {metrics['val_psnr']:.2f} dB, {wall:.0f} s", flush=True)
+    return {**metrics, "wall_seconds": round(wall, 1)}
+
+
+def table_row(exp, metrics, run_dir):
+    """One row of the results table."""
+    cfg = getattr(configs, exp.upper())
+    psnr = f"{metrics['val_psnr']:.2f}"
+    if "export_psnr" in metrics:
+        psnr += f" (export {metrics['export_psnr']:.2f})"
+    return {"experiment": exp, "precision": precision(cfg), "bits/weight": bits_per_weight(cfg),
+            "processes": metrics["world_size"], "steps": metrics["steps"], "train s": f"{metrics['train_seconds']:.0f}",
+            "wall s": f"{metrics['wall_seconds']:.0f}", "samples/s": f"{metrics['samples_per_s']:,.0f}",
+            "peak mem MB": metrics["peak_mem_mb"], "checkpoint": size_text(os.path.join(run_dir, "ckpt.pt")),
+            "export": size_text(os.path.join(run_dir, "bitnerf_ternary.pt")), "val PSNR": psnr,
+            "val SSIM": f"{metrics['val_ssim']:.3f}"}
+
+
+def plot_curves(results, path):
+    """Training loss and validation PSNR against training seconds, one line per experiment, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, psnr_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for exp, metrics in results.items():
+        loss_ax.plot([c["train_seconds"] for c in metrics["curve"]], [c["loss"] for c in metrics["curve"]], label=exp)
+        psnr_ax.plot([h["train_seconds"] for h in metrics["history"]], [h["psnr"] for h in metrics["history"]],
+                     marker=".", label=exp)
+    loss_ax.set(xlabel="training seconds", ylabel="training loss (MSE, one batch)", yscale="log")
+    psnr_ax.set(xlabel="training seconds", ylabel="validation PSNR (dB)")
+    for ax in (loss_ax, psnr_ax):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def machine():
+    """One line naming the machine: GPU, or CPU model, cores and torch's CPU capability."""
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    return f"{model}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__} CPU"
+
+
+def results_markdown(rows, results, args, argv, total_s, media=""):
+    """The text of results.md: how it was made, the table, the curves and the GIFs (linked under media)."""
+    lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Data: `{os.path.basename(args.data)}`, "
+             f"validation PSNR/SSIM on its held-out views (never trained on).",
+             f"Command: `python report.py {shlex.join(argv)}`".rstrip() + f" — {total_s / 60:.0f} min in all; "
+             f"each experiment trained {args.budget_s:.0f} s from scratch (evaluation and videos not counted); "
+             f"orbits of {QUICK['video_frames'] if args.quick else VIDEO_FRAMES} frames.",
+             "", markdown(rows, COLUMNS), "",
+             "samples/s counts every sample on every ray (those the occupancy grid skips too); peak memory is the "
+             "resident memory of the process (rank 0 under torchrun) on CPU, allocated memory on GPU. checkpoint: "
+             "`ckpt.pt` (weights, optimizer, grid); export: the 2-bit ternary file of BitNeRF runs.", "",
+             f"![loss and PSNR curves]({media}curves.png)", ""]
+    lines += [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)" for exp in results]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(path, text):
+    """Replace the README's block between the report markers with text (written through a temp file)."""
+    with open(path) as f:
+        readme = f.read()
+    if README_BEGIN not in readme or README_END not in readme:
+        raise configs.UserError(f"{path} has no {README_BEGIN} ... {README_END} block to fill; add one")
+    head, rest = readme.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{head}{README_BEGIN}\n{text}{README_END}{tail}")
+    os.replace(path + ".tmp", path)
+
+
+def parse_args(argv):
+    """Command-line options; --quick fills in a short budget unless one is given."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget_s", type=float, default=None, help="training seconds per experiment (default 600)")
+    p.add_argument("--data", default=None, help="default: ../shared/data/lego_tiny.npz if present, else tiny_nerf "
+                   "(downloaded); synthetic for --quick")
+    p.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments to run")
+    p.add_argument("--quick", action="store_true", help="a few seconds per experiment: checks the pipeline")
+    p.add_argument("--out_dir", default=None, help="run directories go here (default out/report-DATE-TIME)")
+    p.add_argument("--media_dir", default=None, help="results.md, curves and GIFs (default media, or out_dir for --quick)")
+    p.add_argument("--readme", default="README.md", help="README whose results block a full report rewrites")
+    p.add_argument("--wandb", default="auto", choices=configs.CHOICES["WANDB"])
+    args = p.parse_args(argv)
+    args.budget_s = args.budget_s or (QUICK["budget_s"] if args.quick else 600.0)
+    args.data = args.data or (QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
+    args.out_dir = args.out_dir or os.path.join("out", time.strftime("report-%Y%m%d-%H%M%S"))
+    args.media_dir = args.media_dir or (args.out_dir if args.quick else "media")
+    unknown = [e for e in args.only.split(",") if e not in EXPERIMENTS]
+    if unknown:
+        raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
+    if not args.data.endswith(".npz") and args.data not in ("tiny_nerf", "synthetic") and not os.path.isdir(args.data):
+        raise configs.UserError(f"--data={args.data}: no such file or folder; pass a .npz, a scene folder or tiny_nerf")
+    return args
+
+
+def main(argv=None):
+    """Run the experiments, then write the table, curves, GIFs (and the README block for a full report)."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse_args(argv)
+        os.makedirs(args.media_dir, exist_ok=True)
+    except (configs.UserError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    group, t0 = os.path.basename(args.out_dir), time.perf_counter()
+    results, rows = {}, []
+    for exp in args.only.split(","):
+        run_dir = os.path.join(args.out_dir, exp)
+        metrics = run_experiment(exp, args, run_dir, group)
+        if metrics is None:
+            continue
+        results[exp] = metrics
+        rows.append(table_row(exp, metrics, run_dir))
+        for name, suffix in (("video", "rgb"), ("depth", "depth")):
+            if os.path.exists(os.path.join(run_dir, f"{name}.gif")):
+                shutil.copyfile(os.path.join(run_dir, f"{name}.gif"), os.path.join(args.media_dir, f"{exp}_{suffix}.gif"))
+    if results:
+        plot_curves(results, os.path.join(args.media_dir, "curves.png"))
+        total_s = time.perf_counter() - t0
+        text = results_markdown(rows, results, args, argv, total_s)
+        with open(os.path.join(args.media_dir, "results.md"), "w") as f:
+            f.write(text)
+        print(markdown(rows, COLUMNS))
+        print(f"wrote {os.path.join(args.media_dir, 'results.md')}")
+        if not args.quick and args.readme:
+            media = os.path.relpath(args.media_dir, os.path.dirname(os.path.abspath(args.readme)))
+            update_readme(args.readme, results_markdown(rows, results, args, argv, total_s, media + "/"))
+    if len(results) < len(args.only.split(",")):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""report.py: one command runs every experiment and writes a results table, curves and GIFs."""
+import os
+
+import pytest
+
+import report
+from conftest import ROOT
+from configs import UserError
+from test_train import run_cli
+
+
+def table_rows(markdown):
+    """The rows of the results table in results.md, as dicts keyed by column."""
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+
+
+def test_quick_report_runs_every_experiment_and_writes_a_table_that_parses(tmp_path):
+    readme_before = open(os.path.join(ROOT, "README.md")).read()
+    out = run_cli("report.py", "--quick", f"--out_dir={tmp_path}", "--wandb=disabled", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = table_rows(open(tmp_path / "results.md").read())
+    assert [r["experiment"] for r in rows] == list(report.EXPERIMENTS)
+    for r in rows:
+        assert int(r["steps"]) > 0 and float(r["train s"]) >= report.QUICK["budget_s"] - 1
+        assert float(r["samples/s"].replace(",", "")) > 0 and int(r["peak mem MB"]) > 0
+        assert 5.0 < float(r["val PSNR"].split()[0]) < 60.0 and -1.0 <= float(r["val SSIM"]) <= 1.0
+        assert int(r["processes"]) == report.DDP_PROCS.get(r["experiment"], 1)
+        assert r["checkpoint"].endswith("MB")
+        if r["experiment"] in ("exp4", "exp6"):  # BitNeRF: exported ternary file, evaluated as exported
+            assert r["export"].endswith("kB") and float(r["val PSNR"].split("export ")[1].rstrip(")")) > 5.0
+        else:
+            assert r["export"] == "-"
+        assert (tmp_path / f"{r['experiment']}_rgb.gif").stat().st_size > 0
+        assert (tmp_path / f"{r['experiment']}_depth.gif").stat().st_size > 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert open(os.path.join(ROOT, "README.md")).read() == readme_before  # --quick never rewrites the README
+
+
+def test_report_rewrites_only_the_readme_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\nlicense\n")
+    report.update_readme(str(readme), "new table\n")
+    assert readme.read_text() == f"intro\n{report.README_BEGIN}\nnew table\n{report.README_END}\nlicense\n"
+    readme.write_text("no markers\n")
+    with pytest.raises(UserError):
+        report.update_readme(str(readme), "new table\n")
+    assert readme.read_text() == "no markers\n"
+
+
+def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
+    out = run_cli("report.py", "--only=exp1,exp9", f"--out_dir={tmp_path}")
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "exp9" in out.stderr
+    assert not os.listdir(tmp_path)

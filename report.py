@@ -143,9 +143,11 @@ def results_markdown(rows, results, args, argv, total_s, media=""):
              "samples/s counts every sample on every ray (those the occupancy grid skips too); peak memory is the "
              "resident memory of the process (rank 0 under torchrun) on CPU, allocated memory on GPU. checkpoint: "
              "`ckpt.pt` (weights, optimizer, grid); export: the 2-bit ternary file of BitNeRF runs.", "",
-             f"![loss and PSNR curves]({media}curves.png)", ""]
-    lines += [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)" for exp in results]
-    return "\n".join(lines) + "\n"
+             f"![loss and PSNR curves]({media}curves.png)", "",
+             "Curves: the training loss is rank 0's batch every LOG_EVERY steps; validation points are on "
+             "EVAL_VIEWS views during training, the last one on all held-out views.", ""]
+    gifs = [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)" for exp in results]
+    return "\n".join(lines) + "\n" + "\n\n".join(gifs) + "\n"
 
 
 def update_readme(path, text):

@@ -53,3 +53,12 @@ def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
     out = run_cli("report.py", "--only=exp1,exp9", f"--out_dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "exp9" in out.stderr
     assert not os.listdir(tmp_path)
+
+
+def test_report_groups_its_wandb_runs_under_its_name_offline(tmp_path):
+    out_dir = tmp_path / "report-test-group"
+    out = run_cli("report.py", "--quick", "--only=exp1", f"--out_dir={out_dir}", "--wandb=offline", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = list((out_dir / "exp1" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # the group is a length-prefixed protobuf string field of the run record (the path in the config is not)
+    assert len(runs) == 1 and bytes([len(out_dir.name)]) + out_dir.name.encode() in runs[0].read_bytes()

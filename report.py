@@ -20,6 +20,7 @@ import time
 import configs
 from bench import SHARED_TINY, markdown
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
 EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4", "exp5", "exp6")
 DDP_PROCS = {"exp5": 2, "exp6": 2}
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
@@ -50,10 +51,11 @@ def size_text(path):
 
 def command(exp, args, run_dir):
     """The command line that trains one experiment for the report."""
-    launch = [sys.executable, f"{exp}.py"]
+    script = os.path.join(ROOT, f"{exp}.py")  # run from the caller's directory: relative paths mean the same
+    launch = [sys.executable, script]
     if exp in DDP_PROCS:
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={DDP_PROCS[exp]}",
-                  f"{exp}.py"]
+                  script]
     overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
                  "--max_steps=1000000000", f"--wandb={args.wandb}",  # the budget, not MAX_STEPS, ends each run
                  f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}"]
@@ -69,7 +71,7 @@ def run_experiment(exp, args, run_dir, group):
     print(f"[{time.strftime('%H:%M:%S')}] {exp}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.path.dirname(os.path.abspath(__file__)),
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
                               env={**os.environ, "WANDB_RUN_GROUP": group}).returncode
     wall = time.perf_counter() - t0
     metrics_path = os.path.join(run_dir, "metrics.json")
@@ -173,13 +175,13 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="a few seconds per experiment: checks the pipeline")
     p.add_argument("--out_dir", default=None, help="run directories go here (default out/report-DATE-TIME)")
     p.add_argument("--media_dir", default=None, help="results.md, curves and GIFs (default media, or out_dir for --quick)")
-    p.add_argument("--readme", default="README.md", help="README whose results block a full report rewrites")
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="README whose results block a full report rewrites")
     p.add_argument("--wandb", default="auto", choices=configs.CHOICES["WANDB"])
     args = p.parse_args(argv)
     args.budget_s = args.budget_s or (QUICK["budget_s"] if args.quick else 600.0)
     args.data = args.data or (QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
     args.out_dir = args.out_dir or os.path.join("out", time.strftime("report-%Y%m%d-%H%M%S"))
-    args.media_dir = args.media_dir or (args.out_dir if args.quick else "media")
+    args.media_dir = args.media_dir or (args.out_dir if args.quick else os.path.join(ROOT, "media"))
     unknown = [e for e in args.only.split(",") if e not in EXPERIMENTS]
     if unknown:
         raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")

@@ -56,7 +56,8 @@ class NeRF(nn.Module):
     def forward(self, xyz, viewdirs=None):
         """Points (..., 3) [+ unit view directions (..., 3)] -> rgb (..., 3) in [0, 1], sigma (...) >= 0."""
         x = positional_encoding(xyz, self.pos_encode_dims)
-        x = F.pad(x, (0, self.in_dim - x.shape[-1]))  # zero columns where a subclass pads the width
+        if self.in_dim > x.shape[-1]:  # zero columns where a subclass pads the width (F.pad by 0 still copies)
+            x = F.pad(x, (0, self.in_dim - x.shape[-1]))
         h = x
         for i, layer in enumerate(self.layers):
             if i in self.skips:

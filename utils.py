@@ -52,14 +52,18 @@ def sample_along_rays(rays, near, far, num_samples, generator=None):
     return near + (far - near) * (bins + u) / num_samples
 
 
+def segment_lengths(t, far):
+    """The depth interval each sample (R, S) stands for: up to the next sample, the last one up to far."""
+    return torch.diff(t, dim=-1, append=torch.full_like(t[..., :1], far))
+
+
 def volume_render(rgb, sigma, t, far, background):
     """Composite samples (R, S) front to back; returns rgb (R, 3), depth (R,), opacity (R,), weights (R, S).
 
     Each sample stands for the segment up to the next one (the last one up to `far`). Transmittance is
     the *exclusive* product: a sample is attenuated by what lies before it, not by itself.
     """
-    deltas = torch.diff(t, dim=-1, append=torch.full_like(t[..., :1], far))
-    tau = sigma * deltas
+    tau = sigma * segment_lengths(t, far)
     alpha = 1.0 - torch.exp(-tau)
     trans = torch.exp(-(torch.cumsum(tau, dim=-1) - tau))
     weights = alpha * trans
@@ -167,7 +171,7 @@ def shade(model, rays, t, far, background, grid=None, min_transmittance=0.0):
     if not min_transmittance or torch.is_grad_enabled():
         rgb, sigma = query_kept(model, rays, pts, keep)
         return volume_render(rgb, sigma, t, far, background)
-    deltas = torch.diff(t, dim=-1, append=torch.full_like(t[..., :1], far))
+    deltas = segment_lengths(t, far)
     rgb, sigma = torch.zeros(*t.shape, 3, device=t.device), torch.zeros(t.shape, device=t.device)
     optical_depth = torch.zeros(t.shape[0], device=t.device)  # -log transmittance before the current block
     for lo in range(0, t.shape[1], ERT_BLOCK):

@@ -4,8 +4,9 @@
 
 Each experiment trains from scratch in its own run directory (exp5/exp6 under torchrun with 2 processes),
 is evaluated on the held-out views at the end of its run, and its 360-degree orbit and depth GIFs are
-copied to the media directory. A full report (not --quick) also rewrites the README's results block.
---quick (a few seconds per experiment, outputs under the run directory) checks that the pipeline works.
+copied to the media directory. A full report (all six, not --quick) writes media/ and rewrites the README's
+results block; --only and --quick write their table, curves and GIFs under the run directory instead.
+--quick (a few seconds per experiment) checks that the pipeline works.
 """
 import argparse
 import json
@@ -174,14 +175,17 @@ def parse_args(argv):
     p.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments to run")
     p.add_argument("--quick", action="store_true", help="a few seconds per experiment: checks the pipeline")
     p.add_argument("--out_dir", default=None, help="run directories go here (default out/report-DATE-TIME)")
-    p.add_argument("--media_dir", default=None, help="results.md, curves and GIFs (default media, or out_dir for --quick)")
+    p.add_argument("--media_dir", default=None, help="results.md, curves and GIFs (default media for a full report, "
+                   "else out_dir)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="README whose results block a full report rewrites")
     p.add_argument("--wandb", default="auto", choices=configs.CHOICES["WANDB"])
     args = p.parse_args(argv)
     args.budget_s = args.budget_s or (QUICK["budget_s"] if args.quick else 600.0)
     args.data = args.data or (QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
     args.out_dir = args.out_dir or os.path.join("out", time.strftime("report-%Y%m%d-%H%M%S"))
-    args.media_dir = args.media_dir or (args.out_dir if args.quick else os.path.join(ROOT, "media"))
+    full = not args.quick and sorted(args.only.split(",")) == sorted(EXPERIMENTS)  # a partial one must not replace it
+    args.media_dir = args.media_dir or (os.path.join(ROOT, "media") if full else args.out_dir)
+    args.readme = args.readme if full else None
     unknown = [e for e in args.only.split(",") if e not in EXPERIMENTS]
     if unknown:
         raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
@@ -219,7 +223,7 @@ def main(argv=None):
             f.write(text)
         print(markdown(rows, COLUMNS))
         print(f"wrote {os.path.join(args.media_dir, 'results.md')}")
-        if not args.quick and args.readme:
+        if args.readme:
             media = os.path.relpath(args.media_dir, os.path.dirname(os.path.abspath(args.readme)))
             update_readme(args.readme, results_markdown(rows, results, args, argv, total_s, media + "/"))
     if len(results) < len(args.only.split(",")):

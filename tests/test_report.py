@@ -49,6 +49,14 @@ def test_report_rewrites_only_the_readme_block(tmp_path):
     assert readme.read_text() == "no markers\n"
 
 
+def test_only_a_full_report_writes_media_and_the_readme(tmp_path):
+    full = report.parse_args([f"--out_dir={tmp_path}"])
+    assert full.media_dir == os.path.join(ROOT, "media") and full.readme == os.path.join(ROOT, "README.md")
+    for partial in (["--only=exp1,exp4"], ["--quick"]):
+        args = report.parse_args([*partial, f"--out_dir={tmp_path}"])
+        assert args.media_dir == str(tmp_path) and args.readme is None, partial
+
+
 def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
     out = run_cli("report.py", "--only=exp1,exp9", f"--out_dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "exp9" in out.stderr

@@ -4,7 +4,7 @@ Speed (default): per experiment, the MLP training step's GFLOP/s against this ma
 (same run, same dtype), the forward pass's inference samples/s (and the ternary export's, for BitNeRF),
 and real training throughput (rays/s, samples/s) and peak memory over --steps steps of the training
 loop on lego_tiny.
-    python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off] [--data=PATH]
+    python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
 Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
 of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget).
     python bench.py --quality [--budget_s=600] [--exps=exp1]
@@ -99,8 +99,9 @@ def run_child(args):
     """Measure one experiment in this process and print one JSON line."""
     import train
 
-    cfg = {**getattr(configs, args.child.upper()), "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
-           "COMPILE": args.compile == "on", "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{args.child}_")}
+    preset = getattr(configs, args.child.upper())
+    cfg = {**preset, "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
+           "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]), "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{args.child}_")}
     device = train.resolve_device(cfg["DEVICE"])
     row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"],
            "samples_per_ray": cfg["NUM_SAMPLES"] + cfg["NUM_FINE"], "device": str(device)}
@@ -141,7 +142,8 @@ def main():
     p.add_argument("--exps", default="exp1,exp2,exp3,exp4")
     p.add_argument("--data", default=SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
     p.add_argument("--steps", type=int, default=150, help="training steps timed per experiment")
-    p.add_argument("--compile", default="both", choices=("both", "on", "off"))
+    p.add_argument("--compile", default="both", choices=("both", "on", "off", "preset"),
+                   help="both: each experiment eager and compiled (speed mode; quality mode takes the preset's)")
     p.add_argument("--quality", action="store_true", help="time-to-quality mode")
     p.add_argument("--budget_s", type=float, default=600.0)
     p.add_argument("--eval_every", type=int, default=500, help="validation interval in quality mode (steps)")
@@ -156,7 +158,7 @@ def main():
     if not args.quality:
         peaks = {dt: mm_peak_gflops(getattr(torch, dt), device) for dt in ("float32", "bfloat16")}
         print(f"torch.mm peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
-    compiles = ("off",) if args.quality and args.compile == "both" else ("off", "on") if args.compile == "both" else (args.compile,)
+    compiles = ("preset",) if args.quality and args.compile == "both" else ("off", "on") if args.compile == "both" else (args.compile,)
     for exp in args.exps.split(","):
         for comp in compiles:
             cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={args.data}",

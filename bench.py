@@ -101,7 +101,8 @@ def run_child(args):
 
     preset = getattr(configs, args.child.upper())
     cfg = {**preset, "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
-           "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]), "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{args.child}_")}
+           "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]),
+           "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{args.child}_")}
     device = train.resolve_device(cfg["DEVICE"])
     row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"],
            "samples_per_ray": cfg["NUM_SAMPLES"] + cfg["NUM_FINE"], "device": str(device)}

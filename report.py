@@ -183,10 +183,11 @@ def parse_args(argv):
     args.budget_s = args.budget_s or (QUICK["budget_s"] if args.quick else 600.0)
     args.data = args.data or (QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
     args.out_dir = args.out_dir or os.path.join("out", time.strftime("report-%Y%m%d-%H%M%S"))
-    full = not args.quick and sorted(args.only.split(",")) == sorted(EXPERIMENTS)  # a partial one must not replace it
+    args.exps = args.only.split(",")
+    full = not args.quick and sorted(args.exps) == sorted(EXPERIMENTS)  # a partial report must not replace the full one
     args.media_dir = args.media_dir or (os.path.join(ROOT, "media") if full else args.out_dir)
     args.readme = args.readme if full else None
-    unknown = [e for e in args.only.split(",") if e not in EXPERIMENTS]
+    unknown = [e for e in args.exps if e not in EXPERIMENTS]
     if unknown:
         raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
     if not args.data.endswith(".npz") and args.data not in ("tiny_nerf", "synthetic") and not os.path.isdir(args.data):
@@ -205,7 +206,7 @@ def main(argv=None):
         sys.exit(2)
     group, t0 = os.path.basename(args.out_dir), time.perf_counter()
     results, rows = {}, []
-    for exp in args.only.split(","):
+    for exp in args.exps:
         run_dir = os.path.join(args.out_dir, exp)
         metrics = run_experiment(exp, args, run_dir, group)
         if metrics is None:
@@ -226,7 +227,7 @@ def main(argv=None):
         if args.readme:
             media = os.path.relpath(args.media_dir, os.path.dirname(os.path.abspath(args.readme)))
             update_readme(args.readme, results_markdown(rows, results, args, argv, total_s, media + "/"))
-    if len(results) < len(args.only.split(",")):
+    if len(results) < len(args.exps):
         sys.exit(1)
 
 

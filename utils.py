@@ -103,14 +103,10 @@ class OccupancyGrid(nn.Module):
         super().__init__()
         self.bound, self.resolution, self.sigma_threshold = bound, resolution, sigma_threshold
         self.register_buffer("density", torch.full((resolution,) * 3, float("inf")))
-        self.register_buffer("mask", torch.ones(resolution ** 3, dtype=torch.bool), persistent=False)
-
-    def cell_index(self, pts):
-        """Flat cell index of each point (clamped to the cube) and whether it lies inside the cube."""
-        u = (pts + self.bound) / (2 * self.bound) * self.resolution
-        inside = ((u >= 0) & (u < self.resolution)).all(-1)
-        ijk = u.long().clamp(0, self.resolution - 1)
-        return (ijk[..., 0] * self.resolution + ijk[..., 1]) * self.resolution + ijk[..., 2], inside
+        # The occupied cells, padded by one empty cell on every side: a point outside the cube, clamped onto
+        # the padding, reads False, so the lookup needs no separate inside test.
+        self.register_buffer("mask", torch.zeros((resolution + 2,) * 3, dtype=torch.bool), persistent=False)
+        self.refresh()
 
     def threshold(self):
         """Cells above this are occupied; the mean caps it so a young, faint model is not culled away."""
@@ -119,7 +115,7 @@ class OccupancyGrid(nn.Module):
 
     def refresh(self):
         """Recompute the occupied cells; density changes only in update and load_state_dict."""
-        self.mask = self.density.view(-1) > self.threshold()
+        self.mask[1:-1, 1:-1, 1:-1] = self.density > self.threshold()
 
     def load_state_dict(self, state_dict, strict=True):
         """Load the density, then derive the occupied cells from it."""
@@ -127,10 +123,15 @@ class OccupancyGrid(nn.Module):
         self.refresh()
         return result
 
-    def occupied(self, pts):
-        """Boolean mask of points that must be sent to the model."""
-        idx, inside = self.cell_index(pts)
-        return inside & self.mask[idx]
+    def occupied(self, origins, dirs, t):
+        """Which samples origins + t * dirs (rays (R, 3), depths (R, S)) must be sent to the model: bool (R, S).
+
+        Works in padded-cell units from the start, so the points themselves are never materialised: on a
+        whole 100x100 frame of 64 samples per ray this is ~3x faster than computing them, then their cells.
+        """
+        scale = self.resolution / (2 * self.bound)
+        u = torch.addcmul(((origins + self.bound) * scale + 1)[:, None, :], (dirs * scale)[:, None, :], t[..., None])
+        return self.mask[u.clamp_(0, self.resolution + 1).long().unbind(-1)]  # u >= 0: long() is floor()
 
     @torch.no_grad()
     def update(self, model, fraction=1.0, decay=0.95, generator=None, chunk=65536):
@@ -150,12 +151,14 @@ class OccupancyGrid(nn.Module):
         self.refresh()
 
 
-def query_kept(model, rays, pts, keep):
-    """The model's rgb (..., 3) and density (...) at pts (R, S, 3); zero where keep is False, which is never queried."""
-    dirs = rays.viewdirs[:, None, :].expand_as(pts)[keep] if getattr(model, "module", model).use_viewdirs else None
-    rgb_kept, sigma_kept = model(pts[keep], dirs)
-    rgb = torch.zeros(*keep.shape, 3, device=pts.device, dtype=torch.float32).index_put((keep,), rgb_kept.float())
-    sigma = torch.zeros(keep.shape, device=pts.device, dtype=torch.float32).index_put((keep,), sigma_kept.float())
+def query_kept(model, rays, t, keep):
+    """The model's rgb (R, S, 3) and density (R, S) at depths t along rays; zero where keep is False (not queried)."""
+    rows, cols = keep.nonzero(as_tuple=True)
+    dirs = rays.viewdirs[rows]
+    rgb_kept, sigma_kept = model(torch.addcmul(rays.origins[rows], dirs, t[rows, cols, None]),
+                                 dirs if getattr(model, "module", model).use_viewdirs else None)
+    rgb = torch.zeros(*keep.shape, 3, device=t.device).index_put((rows, cols), rgb_kept.float())
+    sigma = torch.zeros(keep.shape, device=t.device).index_put((rows, cols), sigma_kept.float())
     return rgb, sigma
 
 
@@ -166,10 +169,9 @@ def shade(model, rays, t, far, background, grid=None, min_transmittance=0.0):
     ERT_BLOCK, and a ray whose transmittance fell below min_transmittance is no longer queried (early ray
     termination): the skipped samples could change its colour and opacity by less than min_transmittance.
     """
-    pts = rays.origins[:, None, :] + rays.viewdirs[:, None, :] * t[..., None]
-    keep = grid.occupied(pts) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    keep = grid.occupied(rays.origins, rays.viewdirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
     if not min_transmittance or torch.is_grad_enabled():
-        rgb, sigma = query_kept(model, rays, pts, keep)
+        rgb, sigma = query_kept(model, rays, t, keep)
         return volume_render(rgb, sigma, t, far, background)
     deltas = segment_lengths(t, far)
     rgb, sigma = torch.zeros(*t.shape, 3, device=t.device), torch.zeros(t.shape, device=t.device)
@@ -177,7 +179,7 @@ def shade(model, rays, t, far, background, grid=None, min_transmittance=0.0):
     for lo in range(0, t.shape[1], ERT_BLOCK):
         block = slice(lo, lo + ERT_BLOCK)
         alive = optical_depth < -math.log(min_transmittance)
-        rgb[:, block], sigma[:, block] = query_kept(model, rays, pts[:, block], keep[:, block] & alive[:, None])
+        rgb[:, block], sigma[:, block] = query_kept(model, rays, t[:, block], keep[:, block] & alive[:, None])
         optical_depth += (sigma[:, block] * deltas[:, block]).sum(-1)
     return volume_render(rgb, sigma, t, far, background)
 

@@ -93,16 +93,36 @@ class Ball(torch.nn.Module):
         return torch.full_like(x, 0.5), torch.where(x.norm(dim=-1) < 0.6, 50.0, 0.0)
 
 
+def occupied_at(grid, pts):
+    """The grid's verdict on points (N, 3), each as a ray of one sample at depth 0."""
+    return grid.occupied(pts, torch.zeros_like(pts), torch.zeros(len(pts), 1))[:, 0]
+
+
 def test_occupancy_grid_keeps_dense_cells_and_culls_empty_ones():
     grid = OccupancyGrid(bound=1.5, resolution=16, sigma_threshold=1.0)
     grid.update(Ball(), generator=torch.Generator().manual_seed(0))
     axis = (torch.arange(16) + 0.5) / 16 * 3.0 - 1.5
     centres = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
     half_diag = 3.0 / 16 * math.sqrt(3) / 2
-    occupied = grid.occupied(centres)
+    occupied = occupied_at(grid, centres)
     assert occupied[centres.norm(dim=-1) + half_diag < 0.6].all()  # wholly dense cells are never culled
     assert not occupied[centres.norm(dim=-1) - half_diag > 0.6].any()  # wholly empty cells are culled
-    assert not grid.occupied(torch.tensor([[2.0, 0.0, 0.0]])).any()  # outside the cube: nothing to query
+    assert not occupied_at(grid, torch.tensor([[2.0, 0.0, 0.0]])).any()  # outside the cube: nothing to query
+
+
+def test_the_grid_lookup_reads_the_cell_a_point_lies_in_and_nothing_outside_the_cube():
+    grid = OccupancyGrid(bound=1.5, resolution=4, sigma_threshold=1.0)
+    grid.density.fill_(0.0)
+    grid.density[3, 0, 2] = 2.0  # the cell x in [0.75, 1.5), y in [-1.5, -0.75), z in [0, 0.75)
+    grid.refresh()
+    inside = torch.tensor([[0.75, -1.5, 0.0], [1.499, -0.751, 0.749], [1.0, -1.0, 0.5]])
+    outside = torch.tensor([[1.5, -1.0, 0.5], [1.0, -1.501, 0.5], [0.749, -1.0, 0.5], [1.0, -1.0, -0.001],
+                            [9.0, -1.0, 0.5], [-9.0, -9.0, -9.0]])
+    assert occupied_at(grid, inside).all() and not occupied_at(grid, outside).any()
+    # along a ray the sample positions are origin + t * direction
+    origin, direction = torch.tensor([[1.0, -1.0, -3.0]]), torch.tensor([[0.0, 0.0, 1.0]])
+    ray = grid.occupied(origin, direction, torch.tensor([[2.0, 3.2, 3.8]]))
+    assert ray.tolist() == [[False, True, False]]
 
 
 class Blob(Ball):
@@ -120,7 +140,7 @@ def test_grid_skipping_leaves_the_render_of_a_smooth_scene_unchanged():
         grid.update(Blob(), generator=gen)
     (rgb, depth, acc) = render_image(Blob(), c2w, 24, 24, 30.0, 2.0, 6.0, 128, torch.zeros(3), chunk=256)
     skipped = render_image(Blob(), c2w, 24, 24, 30.0, 2.0, 6.0, 128, torch.zeros(3), chunk=256, grid=grid)
-    assert acc.max() > 0.99 and grid.occupied(torch.rand(1000, 3) * 3 - 1.5).float().mean() < 0.1
+    assert acc.max() > 0.99 and occupied_at(grid, torch.rand(1000, 3) * 3 - 1.5).float().mean() < 0.1
     # what is skipped is haze below alpha 0.01 per sample: only grazing rays through it change, a little
     assert (rgb - skipped[0]).abs().max() < 0.05 and (rgb - skipped[0]).abs().mean() < 1e-3
     assert (acc - skipped[2]).abs().max() < 0.05 and (depth - skipped[1]).abs().mean() < 0.01
@@ -128,7 +148,7 @@ def test_grid_skipping_leaves_the_render_of_a_smooth_scene_unchanged():
 
 def test_a_fresh_grid_culls_nothing_inside_the_cube():
     grid = OccupancyGrid(bound=1.5, resolution=8, sigma_threshold=1.0)
-    assert grid.occupied(torch.rand(100, 3) * 2.8 - 1.4).all()
+    assert occupied_at(grid, torch.rand(100, 3) * 2.8 - 1.4).all()
 
 
 def test_density_is_alive_at_initialisation():

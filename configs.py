@@ -64,7 +64,7 @@ EXP1 = {
 EXP2 = {**EXP1, "EXPERIMENT": "exp2", "OUT_DIR": "out/exp2", "DTYPE": "bfloat16", "AMSGRAD": True,
         "FUSED_OPTIM": True}
 # exp3: more samples per ray, spent where the density is (coarse -> fine). Its opacity regulariser is now every
-# experiment's default: it empties the haze the occupancy grid could not cull (exp1 took 2.3x the steps, README).
+# experiment's default: it empties the haze the occupancy grid could not cull (exp1: 2.5x the steps, README).
 EXP3 = {**EXP1, "EXPERIMENT": "exp3", "OUT_DIR": "out/exp3", "NUM_FINE": 16}
 # exp4: BitNeRF, ternary hidden weights trained with BitNet b1.58 QAT; exported 2-bit packed at the end.
 # LR 1e-2: the latent weights must move far enough to flip their ternary value (150 s sweep in the README).

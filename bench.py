@@ -50,9 +50,13 @@ def sync(device):
 
 
 def mlp_flops_per_point(model):
-    """Training FLOPs per sample point: forward, weight gradient and input gradient of every Linear."""
+    """Useful training FLOPs per sample point: forward, weight and input gradient of every Linear (no padding)."""
+    from nerf import encoded_dim
+
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    return sum(2 * m.in_features * m.out_features * (2 if i == 0 else 3) for i, m in enumerate(linears))
+    flops = sum(2 * m.in_features * m.out_features * (2 if i == 0 else 3) for i, m in enumerate(linears))
+    pad = model.in_dim - encoded_dim(model.pos_encode_dims)  # zero input columns: computed, but no work done
+    return flops - 2 * pad * linears[0].out_features * (2 + 3 * len(model.skips))
 
 
 def mlp_step_gflops(cfg, device, reps=5):

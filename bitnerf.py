@@ -3,7 +3,7 @@
 Hidden layers train with torchao's `bitnet_training`: weights are ternary {-s, 0, +s} (s = mean |w| of the
 tensor) and activations int8 per row in the forward pass, full-precision latent weights in the optimizer.
 The output head (64 -> 4) stays full precision: it is 0.7% of the weights and its 4 outputs are too narrow
-for int8 matmul kernels. The encoded input is zero-padded to a multiple of 8 (63 -> 64) for the same reason.
+for int8 matmul kernels. The encoded input is zero-padded to a multiple of 8 (63 -> 64) by nerf.py.
 """
 import torch
 import torch.nn as nn
@@ -15,11 +15,7 @@ EXPORT_FORMAT = "bitnerf-ternary-v1"
 
 
 class BitNeRF(NeRF):
-    """NeRF whose hidden layers are RMSNorm -> Linear blocks with int8-friendly widths."""
-
-    def input_width(self, width):
-        """Pad the encoded input to a multiple of 8 (int8 matmuls want it)."""
-        return -(-width // 8) * 8
+    """NeRF whose hidden layers are RMSNorm -> Linear blocks."""
 
     def hidden_layer(self, in_dim, out_dim):
         """RMSNorm then Linear: BitNet normalises what it quantizes to int8 (no gain, as in BitNet's SimpleRMSNorm)."""
@@ -168,7 +164,7 @@ def main(argv=None):
         if cfg["MODEL"] != "bitnerf":
             raise UserError(f"{path} is a {cfg['MODEL']} checkpoint; only MODEL=bitnerf runs (exp4, exp6) export")
         model = train.build_model(cfg, torch.device("cpu"))
-        model.load_state_dict(ckpt["model"])
+        train.load_weights(model, ckpt["model"], path)
         out = args.out or os.path.join(os.path.dirname(path), "bitnerf_ternary.pt")
         size, fp32_size = train.export_bitnerf(model, cfg, out)
     except UserError as e:

@@ -12,7 +12,7 @@ from configs import EXP1, UserError
 from dataset import load_scene
 from nerf import model_kwargs
 from train import (autocast_context, build_grid, build_model, checkpoint_path, evaluate_views, load_checkpoint,
-                   rebuild_grid, resolve_device)
+                   load_weights, rebuild_grid, resolve_device)
 
 
 def default_split(data, scene):
@@ -24,7 +24,8 @@ def default_split(data, scene):
 
 def run(args):
     """Load the checkpoint (or BitNeRF ternary export) and data, render, and return the metrics dict."""
-    ckpt = load_checkpoint(checkpoint_path(args.ckpt))
+    path = checkpoint_path(args.ckpt)
+    ckpt = load_checkpoint(path)
     cfg = {**EXP1, **ckpt["config"]}  # keys added since the checkpoint was written take their defaults
     device = resolve_device(args.device)
     exported = ckpt.get("format") == EXPORT_FORMAT
@@ -32,7 +33,7 @@ def run(args):
         model = load_ternary(ckpt, model_kwargs(cfg)).to(device)
     else:
         model = build_model(cfg, device)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], path)
     data = args.data or cfg["DATA"]
     scene = load_scene(data, cfg["DOWNSCALE"], cfg["WHITE_BKGD"])
     split = default_split(data, scene) if args.split == "auto" else args.split

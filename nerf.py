@@ -29,7 +29,9 @@ class NeRF(nn.Module):
         self.density_act = {"relu": F.relu, "softplus": F.softplus}[density_act]
         self.pos_encode_dims, self.dir_encode_dims = pos_encode_dims, dir_encode_dims
         self.use_viewdirs = use_viewdirs
-        self.in_dim = in_dim = self.input_width(encoded_dim(pos_encode_dims))
+        # zero-padded to a multiple of 8 (63 -> 64): GEMMs with odd K or N ran up to 2x slower here, and int8
+        # kernels (BitNeRF) need it
+        self.in_dim = in_dim = -(-encoded_dim(pos_encode_dims) // 8) * 8
         self.skips = {i for i in range(4, num_layers, 4)}
         self.layers = nn.ModuleList(
             self.hidden_layer(emb_dim + (in_dim if i in self.skips else 0) if i else in_dim, emb_dim)
@@ -45,10 +47,6 @@ class NeRF(nn.Module):
         with torch.no_grad():  # density starts positive everywhere: a ReLU that starts at 0 gets no gradient
             (self.sigma_out.bias if use_viewdirs else self.out.bias[3:]).fill_(0.1)
 
-    def input_width(self, width):
-        """Width the encoded input is fed at (a subclass may pad it)."""
-        return width
-
     def hidden_layer(self, in_dim, out_dim):
         """One hidden Linear (a subclass may put a norm before it or quantize it)."""
         return nn.Linear(in_dim, out_dim)
@@ -56,7 +54,7 @@ class NeRF(nn.Module):
     def forward(self, xyz, viewdirs=None):
         """Points (..., 3) [+ unit view directions (..., 3)] -> rgb (..., 3) in [0, 1], sigma (...) >= 0."""
         x = positional_encoding(xyz, self.pos_encode_dims)
-        if self.in_dim > x.shape[-1]:  # zero columns where a subclass pads the width (F.pad by 0 still copies)
+        if self.in_dim > x.shape[-1]:  # F.pad by 0 columns would still copy
             x = F.pad(x, (0, self.in_dim - x.shape[-1]))
         h = x
         for i, layer in enumerate(self.layers):

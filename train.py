@@ -160,6 +160,15 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_weights(model, state, path):
+    """Load a checkpoint's weights into model, or a UserError when they do not fit it (an older layout)."""
+    try:
+        model.load_state_dict(state)  # into torchao weights too: their copy_ writes the inner tensor
+    except RuntimeError:
+        raise UserError(f"{path}: its weights do not fit this version's model (written by an older one?); delete "
+                        "it to start over, or pick another --out_dir") from None
+
+
 def build_model(cfg, device):
     """The NeRF or BitNeRF (quantized for QAT) a config describes, on device, seeded for a reproducible init."""
     torch.manual_seed(cfg["SEED"])
@@ -385,7 +394,7 @@ def fit(cfg, rank, world, device):
     generator.manual_seed(cfg["SEED"])
     step, train_s, history, curve = 0, 0.0, [], []  # validation scores; training loss every LOG_EVERY steps
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])  # into torchao weights too: their copy_ writes the inner tensor
+        load_weights(model, ckpt["model"], ckpt_path)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         generator.set_state(ckpt["generator"].to(generator.get_state().device))

@@ -178,6 +178,13 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path):
     before = (other / "ckpt.pt").read_bytes()
     one_line_error(run_cli("exp1.py", *FAST, "--emb_dim=32", f"--out_dir={other}"), "model of another shape")
     assert (other / "ckpt.pt").read_bytes() == before
+    ckpt = torch.load(other / "ckpt.pt", weights_only=True)  # as older code wrote it: the input not padded 63 -> 64
+    ckpt["model"]["layers.0.weight"] = ckpt["model"]["layers.0.weight"][:, :63]
+    torch.save(ckpt, other / "ckpt.pt")
+    before = (other / "ckpt.pt").read_bytes()
+    one_line_error(run_cli("exp1.py", *FAST, f"--out_dir={other}"), "do not fit this version's model")
+    one_line_error(run_cli("eval.py", str(other)), "do not fit this version's model")
+    assert (other / "ckpt.pt").read_bytes() == before
 
 
 def test_wandb_offline_without_a_key_writes_a_local_run(small_cfg, monkeypatch, tmp_path):

@@ -103,7 +103,7 @@ def build_optimizer(cfg, model, device):
             return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
         except (RuntimeError, TypeError) as e:  # torch says which device or dtype it lacks
             print(f"notice: fused AdamW unavailable on {device.type} ({e}); using the plain one", file=sys.stderr)
-    return torch.optim.AdamW(model.parameters(), **kwargs)
+    return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)  # on CPU the default loops over tensors
 
 
 def progress(cfg, step, seconds):

@@ -2,7 +2,7 @@
 
 Hidden layers train with torchao's `bitnet_training`: weights are ternary {-s, 0, +s} (s = mean |w| of the
 tensor) and activations int8 per row in the forward pass, full-precision latent weights in the optimizer.
-The output head (64 -> 4) stays full precision: it is 0.7% of the weights and its 4 outputs are too narrow
+The output head (EMB_DIM -> 4) stays full precision: under 1% of the weights, and its 4 outputs are too narrow
 for int8 matmul kernels. The encoded input is zero-padded to a multiple of 8 (63 -> 64) by nerf.py.
 """
 import torch

@@ -1,7 +1,7 @@
 """Benchmark the experiments on this machine and print markdown tables.
 
 Speed (default): per experiment, the MLP training step's GFLOP/s against this machine's torch.mm peak
-(same run, same dtype), the forward pass's inference samples/s (and the ternary export's, for BitNeRF),
+(a square mm of the same dtype, timed between the step's reps), the forward pass's inference samples/s (and the ternary export's, for BitNeRF),
 and real training throughput (rays/s, samples/s) and peak memory over --steps steps of the training
 loop on lego_tiny.
     python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
@@ -60,7 +60,9 @@ def mlp_flops_per_point(model):
 
 
 def mlp_step_gflops(cfg, device, reps=5):
-    """Median GFLOP/s of one forward + backward of the MLP on a training step's worth of points (no grid)."""
+    """Median GFLOP/s of one forward + backward of the MLP on a training step's worth of points (no grid), and
+    of a square torch.mm in the step's dtype timed between its reps: the peak it is held against, under the
+    same load (on a shared machine a peak taken minutes apart measured anywhere from 72 to 169 GFLOP/s)."""
     import train
 
     model = train.build_model(cfg, device)
@@ -68,7 +70,10 @@ def mlp_step_gflops(cfg, device, reps=5):
     amp = train.autocast_context(cfg, device)
     pts = torch.rand(cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"]), 3, device=device) * 2 - 1
     dirs = pts if cfg["USE_VIEWDIRS"] else None
-    times = []
+    dtype = torch.float32 if cfg["DTYPE"] == "float32" else torch.bfloat16  # fp16 peak ~ bf16 peak on GPUs
+    n = 256 if dtype != torch.float32 and device.type == "cpu" else 2048  # see mm_peak_gflops
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    times, mm_times = [], []
     for _ in range(reps + 2):  # the first two warm up (and compile)
         sync(device)
         t0 = time.perf_counter()
@@ -76,8 +81,12 @@ def mlp_step_gflops(cfg, device, reps=5):
             rgb, sigma = net(pts, dirs)
         (rgb.float().sum() + sigma.float().sum()).backward()
         sync(device)
-        times.append(time.perf_counter() - t0)
-    return mlp_flops_per_point(model) * len(pts) / sorted(times[2:])[reps // 2] / 1e9
+        t1 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(t1 - t0), mm_times.append(time.perf_counter() - t1)
+    median = lambda ts: sorted(ts[2:])[reps // 2]  # noqa: E731
+    return mlp_flops_per_point(model) * len(pts) / median(times) / 1e9, 2 * n ** 3 / median(mm_times) / 1e9
 
 
 @torch.no_grad()
@@ -119,7 +128,8 @@ def run_child(args):
         row.update(steps=metrics["steps"], ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"])
     else:
         cfg.update(MAX_STEPS=args.steps, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
-        row["mlp_gflops"] = round(mlp_step_gflops(cfg, device), 1)
+        mlp, peak = mlp_step_gflops(cfg, device)
+        row.update(mlp_gflops=round(mlp, 1), mm_peak_gflops=round(peak), **{"% of mm peak": round(100 * mlp / peak, 1)})
         model = train.build_model(cfg, device).eval()
         row["infer_samples_per_s"] = round(inference_samples_per_s(model, cfg, device))
         if cfg["MODEL"] == "bitnerf":  # and the exported ternary model, as eval.py runs it
@@ -174,9 +184,6 @@ def main():
                 print(f"{exp} (compile {comp}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
             row = json.loads(line[-1][6:])
-            if not args.quality:
-                peak = peaks["float32" if row["dtype"] == "float32" else "bfloat16"]  # fp16 peak ~ bf16 peak on GPUs
-                row["% of mm peak"] = round(100 * row["mlp_gflops"] / peak, 1)
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     if args.quality:
@@ -184,7 +191,7 @@ def main():
         print(markdown(rows, ["exp", "dtype", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s"]))
     else:
         print(markdown(rows, ["exp", "dtype", "compile", "samples_per_ray", "rays_per_s", "samples_per_s",
-                              "mlp_gflops", "% of mm peak", "infer_samples_per_s", "export_infer_samples_per_s",
+                              "mlp_gflops", "mm_peak_gflops", "% of mm peak", "infer_samples_per_s", "export_infer_samples_per_s",
                               "peak_mem_mb"]))
 
 

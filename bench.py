@@ -1,7 +1,8 @@
 """Benchmark the experiments on this machine and print markdown tables.
 
 Speed (default): per experiment, the MLP training step's GFLOP/s against this machine's torch.mm peak
-(a square mm of the same dtype, timed between the step's reps), the forward pass's inference samples/s
+(a square mm of the same dtype, timed between the step's reps), on a whole step's samples (as before the
+occupancy grid culls) and on the ~4k a culled step sends (columns "culled"), the forward pass's inference samples/s
 (and the ternary export's, for BitNeRF), and real training throughput (rays/s, samples/s) and peak memory
 over --steps steps of the training loop on lego_tiny.
     python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
@@ -22,23 +23,36 @@ import torch
 
 import configs
 
+# points a trained exp1 step sends to the MLP once the occupancy grid has culled (~4.3k of its 65,536 samples)
+CULLED_POINTS = 4096
 SHARED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lego_tiny.npz")
+
+
+def mm_sizes(dtype, device):
+    """Square sizes the torch.mm peak is timed at."""
+    # without AVX-512-BF16 a CPU's bf16 mm runs at ~1 GFLOP/s: large sizes would take minutes and peak no higher
+    return (256, 512) if dtype != torch.float32 and device.type == "cpu" else (1024, 2048)
+
+
+def square_mm_timer(n, dtype, device):
+    """A function timing one n x n torch.mm in dtype, in seconds (operands made once)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+
+    def timed():
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        return time.perf_counter() - t0
+    return timed
 
 
 def mm_peak_gflops(dtype, device, reps=5):
     """Best median GFLOP/s of square torch.mm over a few sizes: this machine's reference peak."""
-    # without AVX-512-BF16 a CPU's bf16 mm runs at ~1 GFLOP/s: large sizes would take minutes and peak no higher
-    sizes = (256, 512) if dtype != torch.float32 and device.type == "cpu" else (1024, 2048)
     best = 0.0
-    for n in sizes:
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        times = []
-        for _ in range(reps + 1):
-            sync(device)
-            t0 = time.perf_counter()
-            a @ b
-            sync(device)
-            times.append(time.perf_counter() - t0)
+    for n in mm_sizes(dtype, device):
+        timed = square_mm_timer(n, dtype, device)
+        times = [timed() for _ in range(reps + 1)]
         best = max(best, 2 * n ** 3 / sorted(times[1:])[reps // 2] / 1e9)
     return best
 
@@ -59,20 +73,20 @@ def mlp_flops_per_point(model):
     return flops - 2 * pad * linears[0].out_features * (2 + 3 * len(model.skips))
 
 
-def mlp_step_gflops(cfg, device, reps=5):
-    """Median GFLOP/s of one forward + backward of the MLP on a training step's worth of points (no grid), and
-    of a square torch.mm in the step's dtype timed between its reps: the peak it is held against, under the
-    same load (on a shared machine a peak taken minutes apart measured anywhere from 72 to 169 GFLOP/s)."""
+def mlp_step_gflops(cfg, device, points, reps=5):
+    """Median GFLOP/s of one forward + backward of the MLP on `points` random points, and of a square torch.mm
+    in the step's dtype timed between its reps: the peak it is held against, under the same load (on a shared
+    machine a peak taken minutes apart measured anywhere from 72 to 169 GFLOP/s)."""
     import train
 
     model = train.build_model(cfg, device)
     net = torch.compile(model) if cfg["COMPILE"] else model
     amp = train.autocast_context(cfg, device)
-    pts = torch.rand(cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"]), 3, device=device) * 2 - 1
+    pts = torch.rand(points, 3, device=device) * 2 - 1
     dirs = pts if cfg["USE_VIEWDIRS"] else None
     dtype = torch.float32 if cfg["DTYPE"] == "float32" else torch.bfloat16  # fp16 peak ~ bf16 peak on GPUs
-    n = 256 if dtype != torch.float32 and device.type == "cpu" else 2048  # see mm_peak_gflops
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    n = mm_sizes(dtype, device)[-1]
+    timed_mm = square_mm_timer(n, dtype, device)
     times, mm_times = [], []
     for _ in range(reps + 2):  # the first two warm up (and compile)
         sync(device)
@@ -81,10 +95,7 @@ def mlp_step_gflops(cfg, device, reps=5):
             rgb, sigma = net(pts, dirs)
         (rgb.float().sum() + sigma.float().sum()).backward()
         sync(device)
-        t1 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(t1 - t0), mm_times.append(time.perf_counter() - t1)
+        times.append(time.perf_counter() - t0), mm_times.append(timed_mm())
     median = lambda ts: sorted(ts[2:])[reps // 2]  # noqa: E731
     return mlp_flops_per_point(model) * len(pts) / median(times) / 1e9, 2 * n ** 3 / median(mm_times) / 1e9
 
@@ -128,8 +139,10 @@ def run_child(args):
         row.update(steps=metrics["steps"], ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"])
     else:
         cfg.update(MAX_STEPS=args.steps, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
-        mlp, peak = mlp_step_gflops(cfg, device)
-        row.update({"mlp_gflops": round(mlp, 1), "mm_peak_gflops": round(peak), "% of mm peak": round(100 * mlp / peak, 1)})
+        for key, points in (("", cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])), (" culled", CULLED_POINTS)):
+            mlp, peak = mlp_step_gflops(cfg, device, points)
+            row.update({f"mlp_gflops{key}": round(mlp, 1), f"mm_peak_gflops{key}": round(peak),
+                        f"% of mm peak{key}": round(100 * mlp / peak, 1)})
         model = train.build_model(cfg, device).eval()
         row["infer_samples_per_s"] = round(inference_samples_per_s(model, cfg, device))
         if cfg["MODEL"] == "bitnerf":  # and the exported ternary model, as eval.py runs it
@@ -191,7 +204,8 @@ def main():
         print(markdown(rows, ["exp", "dtype", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s"]))
     else:
         print(markdown(rows, ["exp", "dtype", "compile", "samples_per_ray", "rays_per_s", "samples_per_s",
-                              "mlp_gflops", "mm_peak_gflops", "% of mm peak", "infer_samples_per_s",
+                              "mlp_gflops", "mm_peak_gflops", "% of mm peak", "mlp_gflops culled",
+                              "mm_peak_gflops culled", "% of mm peak culled", "infer_samples_per_s",
                               "export_infer_samples_per_s", "peak_mem_mb"]))
 
 

@@ -2,9 +2,9 @@
 
 Speed (default): per experiment, the MLP training step's GFLOP/s against this machine's torch.mm peak
 (a square mm of the same dtype, timed between the step's reps), on a whole step's samples (as before the
-occupancy grid culls) and on the ~4k a culled step sends (columns "culled"), the forward pass's inference samples/s
-(and the ternary export's, for BitNeRF), and real training throughput (rays/s, samples/s) and peak memory
-over --steps steps of the training loop on lego_tiny.
+occupancy grid culls) and on the ~4k a culled step sends (columns "culled"); the forward pass's inference
+samples/s (and the ternary export's, for BitNeRF); and real training throughput (rays/s, samples/s) and
+peak memory over --steps steps of the training loop on lego_tiny.
     python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
 Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
 of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget).

@@ -23,7 +23,8 @@ import torch
 
 import configs
 
-# points a trained exp1 step sends to the MLP once the occupancy grid has culled (~4.3k of its 65,536 samples)
+# points a trained exp1 step sends to the MLP once the occupancy grid has culled (~4.3k of its 65,536 samples);
+# rendering's model calls (one per block of 8 samples on 4,096 rays, after the grid) are of that size or smaller
 CULLED_POINTS = 4096
 SHARED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lego_tiny.npz")
 
@@ -102,7 +103,7 @@ def mlp_step_gflops(cfg, device, points, reps=5):
 
 @torch.no_grad()
 def inference_samples_per_s(model, cfg, device, reps=5):
-    """Median points per second of the model's forward pass alone (rendering for eval and video)."""
+    """Median points per second of the model's forward pass alone, in calls of CULLED_POINTS as when rendering."""
     import train
 
     amp = train.autocast_context(cfg, device)
@@ -113,7 +114,8 @@ def inference_samples_per_s(model, cfg, device, reps=5):
         sync(device)
         t0 = time.perf_counter()
         with amp:
-            model(pts, dirs)
+            for p in pts.split(CULLED_POINTS):
+                model(p, p if dirs is not None else None)
         sync(device)
         times.append(time.perf_counter() - t0)
     return len(pts) / sorted(times[1:])[reps // 2]

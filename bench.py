@@ -108,14 +108,13 @@ def inference_samples_per_s(model, cfg, device, reps=5):
 
     amp = train.autocast_context(cfg, device)
     pts = torch.rand(cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"], 3, device=device) * 2 - 1
-    dirs = pts if cfg["USE_VIEWDIRS"] else None
     times = []
     for _ in range(reps + 1):
         sync(device)
         t0 = time.perf_counter()
         with amp:
             for p in pts.split(CULLED_POINTS):
-                model(p, p if dirs is not None else None)
+                model(p, p if cfg["USE_VIEWDIRS"] else None)
         sync(device)
         times.append(time.perf_counter() - t0)
     return len(pts) / sorted(times[1:])[reps // 2]

@@ -31,6 +31,7 @@ EXP1 = {
     "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training and rendering)
     "SCENE_BOUND": 1.5,          # the scene lies inside the cube [-SCENE_BOUND, SCENE_BOUND]^3 (grid extent)
     "GRID_RES": 64,              # occupancy grid cells per axis
+    "SKIP_ZERO_DENSITY": True,   # training: a no-grad pass drops the samples of zero ReLU density (no gradient) first
     "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)
     # optimisation
     "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images

@@ -434,6 +434,7 @@ def fit(cfg, rank, world, device):
     shard = cfg["BATCH_SIZE"] // world
     lo = rank * shard
     rays_per_s = 0.0
+    skip_zero_density = cfg["SKIP_ZERO_DENSITY"] and cfg["DENSITY_ACT"] == "relu"  # softplus is never zero
     while not done():
         t0 = time.perf_counter()
         lr = learning_rate(cfg, step, progress(cfg, step, train_s))
@@ -446,7 +447,8 @@ def fit(cfg, rank, world, device):
         rays, target = Rays(*(x[lo: lo + shard] for x in rays)), target[lo: lo + shard]
         with amp:
             rgb, _, acc = render_rays(net, rays, scene.near, scene.far, cfg["NUM_SAMPLES"], scene.background,
-                                      Shard(generator, lo, cfg["BATCH_SIZE"]), grid, cfg["NUM_FINE"])
+                                      Shard(generator, lo, cfg["BATCH_SIZE"]), grid, cfg["NUM_FINE"],
+                                      skip_zero_density=skip_zero_density)
         loss = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
         if cfg["OPACITY_REG"]:
             loss = loss + cfg["OPACITY_REG"] * (acc * (1 - acc)).mean()

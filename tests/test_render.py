@@ -4,7 +4,8 @@ import math
 import torch
 
 from nerf import NeRF
-from utils import OccupancyGrid, Rays, get_rays, pose_spherical, render_image, sample_along_rays, volume_render
+from utils import (OccupancyGrid, Rays, get_rays, pose_spherical, render_image, render_rays, sample_along_rays,
+                   volume_render)
 
 
 def test_rays_hit_the_pixels_known_points_project_to():
@@ -180,3 +181,34 @@ def test_early_ray_termination_stops_querying_behind_surfaces_and_keeps_the_rend
     # what is skipped lies behind transmittance < 1e-4: colour and opacity move by less than that
     assert (rgb - ert[0]).abs().max() < 1e-4 and (acc - ert[2]).abs().max() < 1e-4
     assert (depth - ert[1]).abs().max() < 6.0 * 1e-4
+
+
+def test_skipping_zero_density_samples_leaves_loss_and_gradients_unchanged():
+    torch.manual_seed(0)
+    model = NeRF(pos_encode_dims=6, num_layers=4, emb_dim=32)
+    with torch.no_grad():
+        model.out.bias[3] = 0.0  # about half of the samples get zero density: the case the skip is for
+    trained = []
+
+    class Counting(torch.nn.Module):
+        use_viewdirs = False
+
+        def forward(self, x, d=None):
+            if torch.is_grad_enabled():
+                trained.append(x.shape[0])
+            return model(x, d)
+
+    rays = get_rays(pose_spherical(30.0, -20.0, 4.0), 8, 8, 10.0)
+    target = torch.rand(64, 3)
+    grads, losses = [], []
+    for skip in (False, True):
+        rgb, _, acc = render_rays(Counting(), rays, 2.0, 6.0, 32, torch.zeros(3), torch.Generator().manual_seed(3),
+                                  skip_zero_density=skip)
+        loss = torch.nn.functional.mse_loss(rgb, target) + 0.01 * (acc * (1 - acc)).mean()
+        model.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert 0.2 * trained[0] < trained[1] < 0.8 * trained[0]  # the gradient pass really saw fewer samples
+    assert abs(losses[0] - losses[1]) < 1e-6 and grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

@@ -36,8 +36,8 @@ def scaled_int8_mm(a_i8, b_i8, row_scale, col_scale):
     """
     if a_i8.device.type == "cpu" and a_i8.shape[1] * 127 < 2 ** 24:
         product = a_i8.float() @ b_i8.float()
-    else:
-        product = torch._int_mm(a_i8, b_i8)
+    else:  # CUDA's int8 GEMM wants more than 16 rows
+        product = torch._int_mm(F.pad(a_i8, (0, 0, 0, max(0, 17 - len(a_i8)))), b_i8)[: len(a_i8)]
     return product * col_scale.view(-1) * row_scale.view(-1, 1)
 
 
@@ -46,8 +46,9 @@ def quantize_for_training(model):
     from torchao import quantize_
     from torchao.prototype.quantized_training import bitnet, bitnet_training
 
-    if not bitnet.has_triton():  # torchao's own fallback is torch._int_mm; ours is exact and fast on CPU too
-        bitnet.scaled_int8_mm = scaled_int8_mm
+    # torchao's Triton kernel autotunes per row count, which the occupancy grid changes every step (on an H100
+    # exp4 did not finish 20 steps in 100 s); its fallback is torch._int_mm, and ours is also exact and fast on CPU
+    bitnet.scaled_int8_mm = scaled_int8_mm
     names = {name for name, _ in ternary_linears(model)}
     quantize_(model, bitnet_training(), filter_fn=lambda module, fqn: fqn in names)
     return model

@@ -8,6 +8,7 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from bitnerf import BitNeRF, export_ternary, load_ternary, plain_state, quantize_for_training
@@ -33,8 +34,6 @@ def init_distributed(cfg, device):
 
     nccl on CUDA, gloo on CPU; each rank of a CUDA run takes the GPU of its LOCAL_RANK.
     """
-    import torch.distributed as dist
-
     if "RANK" not in os.environ:
         return 0, 1, device
     backend = {"auto": "nccl" if device.type == "cuda" else "gloo"}.get(cfg["DDP_BACKEND"], cfg["DDP_BACKEND"])
@@ -59,8 +58,6 @@ def attempt_store():
     """
     from datetime import timedelta
 
-    import torch.distributed as dist
-
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it, as torch does
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
                           is_master=not agent and os.environ["RANK"] == "0", timeout=timedelta(minutes=10))
@@ -69,8 +66,6 @@ def attempt_store():
 
 def all_reduce(values, op="sum"):
     """Sum (or max) a list of floats over all ranks of the process group."""
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
@@ -337,10 +332,8 @@ def write_json(obj, path):
 
 def train(cfg):
     """Train (or resume) the experiment a config describes, as one process or one torchrun rank; final metrics."""
-    import torch.distributed as dist
-
     rank, world, device = init_distributed(cfg, resolve_device(cfg["DEVICE"]))
-    if world == 1 and cfg["EXPERIMENT"] in ("exp5", "exp6"):
+    if not dist.is_initialized() and cfg["EXPERIMENT"] in ("exp5", "exp6"):
         print(f"notice: not started by torchrun, so {cfg['EXPERIMENT']} runs as one process (world size 1); "
               f"use torchrun --standalone --nproc_per_node=2 {cfg['EXPERIMENT']}.py", file=sys.stderr)
     try:
@@ -425,7 +418,8 @@ def fit(cfg, rank, world, device):
         model.zero_grad(set_to_none=True)
         compile_s = time.perf_counter() - t0
         print(f"compiled in {compile_s:.1f} s", file=sys.stderr)
-    net = wrap_ddp(cfg, fast, device) if world > 1 else fast  # compile first, then wrap, as DDP expects
+    # compile first, then wrap, as DDP expects; under torchrun always, so one process exercises the DDP path too
+    net = wrap_ddp(cfg, fast, device) if dist.is_initialized() else fast
 
     run = open_wandb(cfg, out_dir, ckpt.get("wandb_id") if ckpt else None) if main_rank else None
     done = lambda: step >= cfg["MAX_STEPS"] or 0 < cfg["TIME_BUDGET_S"] <= train_s  # noqa: E731

@@ -37,6 +37,19 @@ def test_fp32_gemm_gives_the_same_integers_as_int_mm():
     assert torch.equal(scaled_int8_mm(a, b.T, one, two), torch._int_mm(a, b.T) * two.view(-1) * one.view(-1, 1))
 
 
+def test_qat_uses_our_int8_matmul_which_takes_few_rows_on_the_int_mm_path(monkeypatch):
+    from torchao.prototype.quantized_training import bitnet
+
+    # as on a GPU: torchao's Triton kernel re-autotunes for every new row count (an H100 took minutes per step)
+    monkeypatch.setattr(bitnet, "has_triton", lambda: True)
+    monkeypatch.setattr(bitnet, "scaled_int8_mm", None)
+    qat_model(num_layers=2)
+    assert bitnet.scaled_int8_mm is scaled_int8_mm
+    a = torch.randint(-127, 128, (5, 132_112), dtype=torch.int8)  # K * 127 >= 2^24: the torch._int_mm path
+    b = torch.randint(-1, 2, (132_112, 8), dtype=torch.int8)
+    assert torch.equal(scaled_int8_mm(a, b, torch.ones(5), torch.tensor(1.0)), (a.long() @ b.long()).float())
+
+
 def test_the_encoded_input_is_padded_to_a_multiple_of_8():
     assert BitNeRF(pos_encode_dims=10).in_dim == 64  # 63 -> 64
     assert all(linear.in_features % 8 == 0 for _, linear in ternary_linears(BitNeRF()))

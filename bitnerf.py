@@ -36,8 +36,9 @@ def scaled_int8_mm(a_i8, b_i8, row_scale, col_scale):
     """
     if a_i8.device.type == "cpu" and a_i8.shape[1] * 127 < 2 ** 24:
         product = a_i8.float() @ b_i8.float()
-    else:  # CUDA's int8 GEMM wants more than 16 rows
-        product = torch._int_mm(F.pad(a_i8, (0, 0, 0, max(0, 17 - len(a_i8)))), b_i8)[: len(a_i8)]
+    else:  # CUDA's int8 GEMM wants more than 16 rows; pad only then (F.pad copies even when it adds nothing)
+        rows = len(a_i8)
+        product = torch._int_mm(F.pad(a_i8, (0, 0, 0, 17 - rows)) if rows < 17 else a_i8, b_i8)[:rows]
     return product * col_scale.view(-1) * row_scale.view(-1, 1)
 
 

@@ -67,13 +67,15 @@ def sync(device):
 
 
 def mlp_flops_per_point(model):
-    """Useful training FLOPs per sample point: forward, weight and input gradient of every Linear (no padding)."""
+    """Useful training FLOPs per sample point: forward, weight and input gradient of every Linear, without the
+    input gradient of the encoded input (first and skip layers: it needs none) or the padding columns."""
     from nerf import encoded_dim
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    flops = sum(2 * m.in_features * m.out_features * (2 if i == 0 else 3) for i, m in enumerate(linears))
-    pad = model.in_dim - encoded_dim(model.pos_encode_dims)  # zero input columns: computed, but no work done
-    return flops - 2 * pad * linears[0].out_features * (2 + 3 * len(model.skips))
+    flops = sum(2 * m.in_features * m.out_features * 3 for m in linears)
+    reading = linears[0].out_features * (1 + len(model.skips))  # outputs of the layers that read the encoding
+    pad = model.in_dim - encoded_dim(model.pos_encode_dims)  # zero columns: computed (forward, weight grad), no use
+    return flops - 2 * model.in_dim * reading - 2 * 2 * pad * reading
 
 
 def mlp_step_gflops(cfg, device, points, reps=5):

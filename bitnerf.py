@@ -21,6 +21,10 @@ class BitNeRF(NeRF):
         """RMSNorm then Linear: BitNet normalises what it quantizes to int8 (no gain, as in BitNet's SimpleRMSNorm)."""
         return nn.Sequential(nn.RMSNorm(in_dim, elementwise_affine=False), nn.Linear(in_dim, out_dim))
 
+    def skip_layer(self, layer, h, x):
+        """layer([h, x]): the RMSNorm needs the whole concatenated row."""
+        return layer(torch.cat([h, x], dim=-1))
+
 
 def ternary_linears(model):
     """(name, Linear) of every hidden Linear that is trained and exported ternary."""

@@ -51,22 +51,30 @@ class NeRF(nn.Module):
         """One hidden Linear (a subclass may put a norm before it or quantize it)."""
         return nn.Linear(in_dim, out_dim)
 
+    def skip_layer(self, layer, h, x):
+        """layer([h, x]) without building the concatenation: its weight split in two, one GEMM each.
+
+        Saves the copy forward and, as x needs no gradient, its share of the input-gradient GEMM backward.
+        """
+        d = h.shape[-1]
+        return torch.addmm(F.linear(x, layer.weight[:, d:], layer.bias), h, layer.weight[:, :d].t())
+
     def forward(self, xyz, viewdirs=None):
         """Points (..., 3) [+ unit view directions (..., 3)] -> rgb (..., 3) in [0, 1], sigma (...) >= 0."""
-        x = positional_encoding(xyz, self.pos_encode_dims)
+        batch = xyz.shape[:-1]
+        x = positional_encoding(xyz.reshape(-1, 3), self.pos_encode_dims)
         if self.in_dim > x.shape[-1]:  # F.pad by 0 columns would still copy
             x = F.pad(x, (0, self.in_dim - x.shape[-1]))
         h = x
         for i, layer in enumerate(self.layers):
-            if i in self.skips:
-                h = torch.cat([h, x], dim=-1)
-            h = F.relu(layer(h))
+            # in place: no Linear needs its output for the gradient, so this saves a pass and a buffer per layer
+            h = F.relu(self.skip_layer(layer, h, x) if i in self.skips else layer(h), inplace=True)
         if not self.use_viewdirs:
             out = self.out(h)
-            return torch.sigmoid(out[..., :3]), self.density_act(out[..., 3])
-        d = positional_encoding(viewdirs, self.dir_encode_dims)
+            return torch.sigmoid(out[:, :3]).view(*batch, 3), self.density_act(out[:, 3]).view(batch)
+        d = positional_encoding(viewdirs.reshape(-1, 3), self.dir_encode_dims)
         rgb_h = F.relu(self.dir_layer(torch.cat([self.feature(h), d], dim=-1)))
-        return torch.sigmoid(self.rgb_out(rgb_h)), self.density_act(self.sigma_out(h)[..., 0])
+        return torch.sigmoid(self.rgb_out(rgb_h)).view(*batch, 3), self.density_act(self.sigma_out(h)[:, 0]).view(batch)
 
 
 def model_kwargs(cfg):

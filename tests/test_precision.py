@@ -19,6 +19,45 @@ def test_bfloat16_autocast_runs_the_matmuls_in_bfloat16_and_renders_in_float32()
     assert rgb.dtype == depth.dtype == acc.dtype == torch.float32  # compositing stays in fp32
 
 
+def test_the_skip_layer_matches_a_linear_on_the_concatenation_in_fp32_and_bf16():
+    torch.manual_seed(0)
+    model = NeRF(num_layers=8)
+    layer, x = model.layers[4], torch.rand(300, 64)
+    h = torch.rand(300, 64, requires_grad=True)
+    ref = layer(torch.cat([h, x], dim=-1))
+    grads_ref = torch.autograd.grad(ref.square().sum(), (h, layer.weight, layer.bias))
+    out = model.skip_layer(layer, h, x)
+    grads = torch.autograd.grad(out.square().sum(), (h, layer.weight, layer.bias))
+    torch.testing.assert_close(out, ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+    with train.autocast_context(EXP2, torch.device("cpu")):
+        out_bf16 = model.skip_layer(layer, h, x)
+    assert out_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(out_bf16.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_the_model_keeps_the_batch_shape_of_its_points():
+    model, pts = NeRF(), torch.rand(2, 5, 3)
+    rgb, sigma = model(pts)
+    assert rgb.shape == (2, 5, 3) and sigma.shape == (2, 5)
+    flat_rgb, flat_sigma = model(pts.view(10, 3))
+    torch.testing.assert_close(rgb.view(10, 3), flat_rgb)
+    torch.testing.assert_close(sigma.view(10), flat_sigma)
+
+
+def test_bench_counts_the_matmul_flops_a_training_step_does_less_the_padding():
+    import bench
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, pts = NeRF(num_layers=8), torch.rand(256, 3)
+    with FlopCounterMode(display=False) as counter:
+        rgb, sigma = model(pts)
+        (rgb.sum() + sigma.sum()).backward()
+    pad_flops = 2 * 2 * (model.in_dim - 63) * 64 * 2  # forward and weight gradient of the zero column, 2 layers
+    assert counter.get_total_flops() == len(pts) * (bench.mlp_flops_per_point(model) + pad_flops)
+
+
 def test_float32_builds_no_autocast():
     model = NeRF(num_layers=2)
     with train.autocast_context(EXP1, torch.device("cpu")):

@@ -69,12 +69,14 @@ class NeRF(nn.Module):
         for i, layer in enumerate(self.layers):
             # in place: no Linear needs its output for the gradient, so this saves a pass and a buffer per layer
             h = F.relu(self.skip_layer(layer, h, x) if i in self.skips else layer(h), inplace=True)
-        if not self.use_viewdirs:
+        if self.use_viewdirs:
+            d = positional_encoding(viewdirs.reshape(-1, 3), self.dir_encode_dims)
+            rgb = self.rgb_out(F.relu(self.dir_layer(torch.cat([self.feature(h), d], dim=-1))))
+            sigma = self.sigma_out(h)[:, 0]
+        else:
             out = self.out(h)
-            return torch.sigmoid(out[:, :3]).view(*batch, 3), self.density_act(out[:, 3]).view(batch)
-        d = positional_encoding(viewdirs.reshape(-1, 3), self.dir_encode_dims)
-        rgb_h = F.relu(self.dir_layer(torch.cat([self.feature(h), d], dim=-1)))
-        return torch.sigmoid(self.rgb_out(rgb_h)).view(*batch, 3), self.density_act(self.sigma_out(h)[:, 0]).view(batch)
+            rgb, sigma = out[:, :3], out[:, 3]
+        return torch.sigmoid(rgb).view(*batch, 3), self.density_act(sigma).view(batch)
 
 
 def model_kwargs(cfg):

@@ -128,6 +128,7 @@ def run_child(args):
     """Measure one experiment in this process and print one JSON line."""
     import train
 
+    train.keep_freed_memory()  # as training does: the MLP step is measured under the same allocator
     preset = getattr(configs, args.child.upper())
     cfg = {**preset, "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
            "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]),

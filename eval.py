@@ -11,8 +11,8 @@ from bitnerf import EXPORT_FORMAT, load_ternary
 from configs import EXP1, UserError
 from dataset import load_scene
 from nerf import model_kwargs
-from train import (autocast_context, build_grid, build_model, checkpoint_path, evaluate_views, load_checkpoint,
-                   load_weights, rebuild_grid, resolve_device)
+from train import (autocast_context, build_grid, build_model, checkpoint_path, evaluate_views, keep_freed_memory,
+                   load_checkpoint, load_weights, rebuild_grid, resolve_device)
 
 
 def default_split(data, scene):
@@ -24,6 +24,7 @@ def default_split(data, scene):
 
 def run(args):
     """Load the checkpoint (or BitNeRF ternary export) and data, render, and return the metrics dict."""
+    keep_freed_memory()
     path = checkpoint_path(args.ckpt)
     ckpt = load_checkpoint(path)
     cfg = {**EXP1, **ckpt["config"]}  # keys added since the checkpoint was written take their defaults

@@ -1,4 +1,5 @@
 """The one training loop every experiment runs: `python expN.py [--key=value ...]`."""
+import ctypes
 import gc
 import json
 import math
@@ -330,8 +331,20 @@ def write_json(obj, path):
     os.replace(path + ".tmp", path)
 
 
+def keep_freed_memory():
+    """Have glibc reuse freed heap memory for tensors up to 256 MiB instead of mapping fresh pages for each.
+
+    By default a tensor over ~128 KiB-32 MiB is a new mmap whose pages fault in one by one as it is first
+    written: on the 2-core box ~0.5 ms per 4,096 x 64 activation, and a 120-frame video took 700k faults.
+    """
+    if sys.platform.startswith("linux") and hasattr(libc := ctypes.CDLL(None), "mallopt"):
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed memory
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: allocate below 256 MiB from the heap
+
+
 def train(cfg):
     """Train (or resume) the experiment a config describes, as one process or one torchrun rank; final metrics."""
+    keep_freed_memory()
     rank, world, device = init_distributed(cfg, resolve_device(cfg["DEVICE"]))
     if not dist.is_initialized() and cfg["EXPERIMENT"] in ("exp5", "exp6"):
         print(f"notice: not started by torchrun, so {cfg['EXPERIMENT']} runs as one process (world size 1); "

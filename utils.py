@@ -272,6 +272,19 @@ def colorize_depth(depth, near, far):
     return (powers @ coeffs.T * 255 + 0.5).clip(0, 255).astype(np.uint8)
 
 
+def write_gif(frames, path, fps):
+    """uint8 frames as a looping GIF with one 256-colour palette, taken from every 8th frame, for all of them.
+
+    imageio's default quantizes each frame to its own palette: 6x the time here (2.1 s of a 120-frame video's
+    rgb and depth GIFs), and the colours flicker from frame to frame.
+    """
+    from PIL import Image
+
+    palette = Image.fromarray(np.concatenate(frames[::8])).quantize(256, dither=Image.Dither.NONE)
+    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
+
+
 def write_video(frames, path, fps=30):
     """Write uint8 frames to mp4 or gif (by extension) through a temp file, so a crash leaves no half file."""
     import imageio.v2 as imageio
@@ -279,7 +292,7 @@ def write_video(frames, path, fps=30):
     root, ext = os.path.splitext(path)
     tmp = f"{root}.tmp{ext}"
     if ext == ".gif":
-        imageio.mimwrite(tmp, frames, duration=1000 / fps, loop=0)
+        write_gif(frames, tmp, fps)
     else:
         imageio.mimwrite(tmp, frames, fps=fps, quality=8, macro_block_size=2)
     os.replace(tmp, path)

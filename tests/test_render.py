@@ -212,3 +212,20 @@ def test_skipping_zero_density_samples_leaves_loss_and_gradients_unchanged():
     assert 0.2 * trained[0] < trained[1] < 0.8 * trained[0]  # the gradient pass really saw fewer samples
     assert abs(losses[0] - losses[1]) < 1e-6 and grads[0].abs().max() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_gif_keeps_every_frame_in_order_and_its_colours(tmp_path):
+    """The shared-palette GIF holds all frames, in order, within a few levels of their colours."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    from utils import write_video
+
+    x = np.linspace(0, 1, 40)
+    base = (np.stack([x, x[::-1], 0.5 + 0.5 * np.sin(6 * x)], -1)[None].repeat(12, 0) * 255).astype(np.uint8)
+    frames = [np.roll(base, 2 * k, axis=1) for k in range(20)]  # an orbit: the same colours, moving
+    write_video(frames, str(tmp_path / "v.gif"))
+    back = np.stack(imageio.mimread(tmp_path / "v.gif"))[..., :3].astype(int)
+    assert back.shape == (20, 12, 40, 3)
+    err = np.abs(back[:, None] - np.stack(frames)[None].astype(int)).mean(axis=(2, 3, 4))  # read k vs written j
+    assert err.diagonal().max() < 3 and (err.argmin(axis=1) == np.arange(20)).all()

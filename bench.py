@@ -33,8 +33,10 @@ def mm_sizes(dtype, device):
     """Square sizes the torch.mm peak is timed at."""
     if device.type == "cuda":  # a GPU needs large products to reach its peak (2048^3 is launch-bound there)
         return (4096, 8192)
-    # without AVX-512-BF16 a CPU's bf16 mm runs at ~1 GFLOP/s: large sizes would take minutes and peak no higher
-    return (256, 512) if dtype != torch.float32 else (1024, 2048)
+    # on a CPU without oneDNN's bf16 kernels bf16 mm runs at ~1 GFLOP/s: large sizes would take minutes, peak no higher
+    import train
+
+    return (256, 512) if dtype != torch.float32 and train.bf16_matmul_is_slow(device) else (1024, 2048)
 
 
 def square_mm_timer(n, dtype, device):

@@ -1,4 +1,7 @@
 """exp2 and exp3: autocast dtypes, torch.compile, fused AdamW and coarse -> fine sampling."""
+import os
+import platform
+
 import pytest
 import torch
 
@@ -69,6 +72,22 @@ def test_float16_without_cuda_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match="float16 needs CUDA"):
         train.train(cfg)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_bf16_matmul_is_slow_exactly_where_the_cpu_lacks_avx512():
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    if platform.machine() != "x86_64" or not flags:
+        pytest.skip("reads x86 CPU flags from /proc/cpuinfo")
+    fast = {"avx512bw", "avx512vl", "avx512dq"} <= set(flags) or "avx_ne_convert" in flags  # oneDNN's bf16 ISAs
+    assert train.bf16_matmul_is_slow(torch.device("cpu")) == (not fast)
+    assert not train.bf16_matmul_is_slow(torch.device("meta"))  # only a CPU's matmuls are judged
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_a_bf16_run_where_bf16_is_slow_says_so_once(dtype, small_cfg, monkeypatch, capsys):
+    monkeypatch.setattr(train, "bf16_matmul_is_slow", lambda device: True)
+    train.train({**small_cfg, "DTYPE": dtype, "MAX_STEPS": 2})
+    assert capsys.readouterr().err.count("no fast bf16 matmul") == (dtype == "bfloat16")
 
 
 def test_compiled_model_matches_eager():

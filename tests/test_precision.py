@@ -1,6 +1,6 @@
 """exp2 and exp3: autocast dtypes, torch.compile, fused AdamW and coarse -> fine sampling."""
-import os
 import platform
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,7 +75,8 @@ def test_float16_without_cuda_is_refused_before_training(tmp_path):
 
 
 def test_bf16_matmul_is_slow_exactly_where_the_cpu_lacks_avx512():
-    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text().split() if cpuinfo.exists() else []
     if platform.machine() != "x86_64" or not flags:
         pytest.skip("reads x86 CPU flags from /proc/cpuinfo")
     fast = {"avx512bw", "avx512vl", "avx512dq"} <= set(flags) or "avx_ne_convert" in flags  # oneDNN's bf16 ISAs

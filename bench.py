@@ -33,20 +33,22 @@ def mm_sizes(dtype, device):
     """Square sizes the torch.mm peak is timed at."""
     if device.type == "cuda":  # a GPU needs large products to reach its peak (2048^3 is launch-bound there)
         return (4096, 8192)
-    # on a CPU without oneDNN's bf16 kernels bf16 mm runs at ~1 GFLOP/s: large sizes would take minutes, peak no higher
-    import train
-
-    return (256, 512) if dtype != torch.float32 and train.bf16_matmul_is_slow(device) else (1024, 2048)
+    return (1024, 2048)
 
 
 def square_mm_timer(n, dtype, device):
-    """A function timing one n x n torch.mm in dtype, in seconds (operands made once)."""
+    """A function timing one n x n torch.mm in dtype, in seconds (operands made once).
+
+    b is multiplied transposed, as F.linear does: on a CPU without oneDNN's bf16 kernels torch's fallback bf16
+    GEMM ran 10-20x faster so than as a @ b (12-18 against 0.7-1.2 GFLOP/s at 512^2 and 1024^2 on the 2-core
+    box), while fp32 (MKL) ran both layouts at the same speed there.
+    """
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
     def timed():
         sync(device)
         t0 = time.perf_counter()
-        a @ b
+        a @ b.t()
         sync(device)
         return time.perf_counter() - t0
     return timed

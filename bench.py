@@ -29,7 +29,7 @@ CULLED_POINTS = 4096
 SHARED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lego_tiny.npz")
 
 
-def mm_sizes(dtype, device):
+def mm_sizes(device):
     """Square sizes the torch.mm peak is timed at."""
     if device.type == "cuda":  # a GPU needs large products to reach its peak (2048^3 is launch-bound there)
         return (4096, 8192)
@@ -40,7 +40,7 @@ def square_mm_timer(n, dtype, device):
     """A function timing one n x n torch.mm in dtype, in seconds (operands made once).
 
     b is multiplied transposed, as F.linear does: on a CPU without oneDNN's bf16 kernels torch's fallback bf16
-    GEMM ran 10-20x faster so than as a @ b (12-18 against 0.7-1.2 GFLOP/s at 512^2 and 1024^2 on the 2-core
+    GEMM ran 10-20x faster so than as a @ b (12-21 against 0.7-1.3 GFLOP/s at 512^2 and 1024^2 on the 2-core
     box), while fp32 (MKL) ran both layouts at the same speed there.
     """
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
@@ -57,7 +57,7 @@ def square_mm_timer(n, dtype, device):
 def mm_peak_gflops(dtype, device, reps=5):
     """Best median GFLOP/s of square torch.mm over a few sizes: this machine's reference peak."""
     best = 0.0
-    for n in mm_sizes(dtype, device):
+    for n in mm_sizes(device):
         timed = square_mm_timer(n, dtype, device)
         times = [timed() for _ in range(reps + 1)]
         best = max(best, 2 * n ** 3 / sorted(times[1:])[reps // 2] / 1e9)
@@ -94,7 +94,7 @@ def mlp_step_gflops(cfg, device, points, reps=5):
     pts = torch.rand(points, 3, device=device) * 2 - 1
     dirs = pts if cfg["USE_VIEWDIRS"] else None
     dtype = torch.float32 if cfg["DTYPE"] == "float32" else torch.bfloat16  # fp16 peak ~ bf16 peak on GPUs
-    n = mm_sizes(dtype, device)[-1]
+    n = mm_sizes(device)[-1]
     timed_mm = square_mm_timer(n, dtype, device)
     times, mm_times = [], []
     for _ in range(reps + 2):  # the first two warm up (and compile)

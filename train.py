@@ -388,7 +388,7 @@ def fit(cfg, rank, world, device):
     amp = autocast_context(cfg, device)
     if main_rank and cfg["DTYPE"] == "bfloat16" and bf16_matmul_is_slow(device):
         print("notice: this CPU has no fast bf16 matmul (oneDNN's needs AVX-512), so --dtype=bfloat16 trains far "
-              "slower than float32 (12-18x on the README's 2-core test CPU); use it here to study numerics",
+              "slower than float32 (12-14x on the README's 2-core test CPU); use it here to study numerics",
               file=sys.stderr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["DTYPE"] == "float16")  # bf16 needs no scaling
     out_dir = prepare_out_dir(cfg, rank)

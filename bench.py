@@ -6,6 +6,7 @@ occupancy grid culls) and on the ~4k a culled step sends (columns "culled"); the
 samples/s (and the ternary export's, for BitNeRF); and real training throughput (rays/s, samples/s) and
 peak memory over --steps steps of the training loop on lego_tiny.
     python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
+Any other --key=value is a config override applied to every experiment (e.g. --batch_size=8192 --dtype=bfloat16).
 Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
 of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget).
     python bench.py --quality [--budget_s=600] [--exps=exp1]
@@ -128,17 +129,22 @@ def inference_samples_per_s(model, cfg, device, reps=5):
     return len(pts) / sorted(times[1:])[reps // 2]
 
 
-def run_child(args):
+def bench_config(exp, args, overrides):
+    """The experiment's preset with the overrides and the benchmark's own settings applied."""
+    preset = configs.apply_overrides(getattr(configs, exp.upper()), overrides)
+    return {**preset, "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
+            "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]),
+            "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{exp}_")}
+
+
+def run_child(args, overrides):
     """Measure one experiment in this process and print one JSON line."""
     import train
 
     train.keep_freed_memory()  # as training does: the MLP step is measured under the same allocator
-    preset = getattr(configs, args.child.upper())
-    cfg = {**preset, "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
-           "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]),
-           "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{args.child}_")}
+    cfg = bench_config(args.child, args, overrides)
     device = train.resolve_device(cfg["DEVICE"])
-    row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"],
+    row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"], "batch": cfg["BATCH_SIZE"],
            "samples_per_ray": cfg["NUM_SAMPLES"] + cfg["NUM_FINE"], "device": str(device)}
     if args.quality:
         cfg.update(TIME_BUDGET_S=float(args.budget_s), MAX_STEPS=10 ** 9, EVAL_EVERY=args.eval_every, EVAL_VIEWS=100)
@@ -176,7 +182,7 @@ def markdown(rows, cols):
 
 def main():
     """Run each experiment in a child process and print the table."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--exps", default="exp1,exp2,exp3,exp4")
     p.add_argument("--data", default=SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
     p.add_argument("--steps", type=int, default=150, help="training steps timed per experiment")
@@ -186,9 +192,16 @@ def main():
     p.add_argument("--budget_s", type=float, default=600.0)
     p.add_argument("--eval_every", type=int, default=500, help="validation interval in quality mode (steps)")
     p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args, overrides = p.parse_known_args()
     if args.child:
-        return run_child(args)
+        return run_child(args, overrides)
+    for exp in args.exps.split(","):  # bad names and overrides stop here, before any child starts
+        if not hasattr(configs, exp.upper()) or not exp.startswith("exp"):
+            p.error(f"--exps: unknown experiment {exp!r}; use names like exp1,exp3")
+        try:
+            configs.apply_overrides(getattr(configs, exp.upper()), overrides)
+        except configs.ConfigError as e:
+            p.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})"
     print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, data {os.path.basename(args.data)}")
@@ -200,7 +213,8 @@ def main():
     for exp in args.exps.split(","):
         for comp in compiles:
             cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={args.data}",
-                   f"--steps={args.steps}", f"--budget_s={args.budget_s}", f"--eval_every={args.eval_every}"]
+                   f"--steps={args.steps}", f"--budget_s={args.budget_s}", f"--eval_every={args.eval_every}",
+                   *overrides]
             out = subprocess.run(cmd + (["--quality"] if args.quality else []), capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
             if out.returncode or not line:
@@ -211,9 +225,9 @@ def main():
             print(json.dumps(row), file=sys.stderr, flush=True)
     if args.quality:
         marks = [f"psnr@{f * args.budget_s:.0f}s" for f in (0.25, 0.5, 1.0)]
-        print(markdown(rows, ["exp", "dtype", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s"]))
+        print(markdown(rows, ["exp", "dtype", "batch", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s"]))
     else:
-        print(markdown(rows, ["exp", "dtype", "compile", "samples_per_ray", "rays_per_s", "samples_per_s",
+        print(markdown(rows, ["exp", "dtype", "compile", "batch", "samples_per_ray", "rays_per_s", "samples_per_s",
                               "mlp_gflops", "mm_peak_gflops", "% of mm peak", "mlp_gflops culled",
                               "mm_peak_gflops culled", "% of mm peak culled", "infer_samples_per_s",
                               "export_infer_samples_per_s", "peak_mem_mb"]))

@@ -61,6 +61,20 @@ def test_bench_counts_the_matmul_flops_a_training_step_does_less_the_padding():
     assert counter.get_total_flops() == len(pts) * (bench.mlp_flops_per_point(model) + pad_flops)
 
 
+def test_bench_applies_config_overrides_and_refuses_bad_ones_before_running():
+    import argparse
+    import subprocess
+    import sys
+
+    import bench
+
+    args = argparse.Namespace(data="synthetic", compile="off")
+    cfg = bench.bench_config("exp2", args, ["--batch_size=256", "--dtype=float32"])
+    assert (cfg["BATCH_SIZE"], cfg["DTYPE"], cfg["AMSGRAD"], cfg["COMPILE"]) == (256, "float32", True, False)
+    out = subprocess.run([sys.executable, bench.__file__, "--batch_size=many"], capture_output=True, text=True)
+    assert out.returncode == 2 and "--batch_size=many: expected int" in out.stderr and not out.stdout
+
+
 def test_float32_builds_no_autocast():
     model = NeRF(num_layers=2)
     with train.autocast_context(EXP1, torch.device("cpu")):

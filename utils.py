@@ -154,6 +154,18 @@ class OccupancyGrid(nn.Module):
         self.refresh()
 
 
+def query_points(model, points, dirs):
+    """model(points, dirs), called on at least 2 rows: torch.compile specializes batch sizes 0 and 1, and each
+    would recompile the model (exp4's with gradients: 6-11 s apiece on the 2-core CPU; on an H200 exp4 hit
+    dynamo's limit of 8 graphs)."""
+    n = len(points)
+    if n >= 2:
+        return model(points, dirs)
+    pad = lambda x: None if x is None else torch.cat([x, x.new_zeros(2 - n, x.shape[-1])])  # noqa: E731
+    rgb, sigma = model(pad(points), pad(dirs))
+    return rgb[:n], sigma[:n]
+
+
 def query_kept(model, rays, t, keep, skip_zero_density=False):
     """The model's rgb (R, S, 3) and density (R, S) at depths t along rays; zero where keep is False (not queried).
 
@@ -168,10 +180,10 @@ def query_kept(model, rays, t, keep, skip_zero_density=False):
     dirs = dirs if inner.use_viewdirs else None
     if skip_zero_density and torch.is_grad_enabled():
         with torch.no_grad():
-            live = (inner(points, dirs)[1] > 0).nonzero()[:, 0]
+            live = (query_points(inner, points, dirs)[1] > 0).nonzero()[:, 0]
         rows, cols, points = rows[live], cols[live], points[live]
         dirs = dirs[live] if dirs is not None else None
-    rgb_kept, sigma_kept = model(points, dirs)
+    rgb_kept, sigma_kept = query_points(model, points, dirs)
     rgb = torch.zeros(*keep.shape, 3, device=t.device).index_put((rows, cols), rgb_kept.float())
     sigma = torch.zeros(keep.shape, device=t.device).index_put((rows, cols), sigma_kept.float())
     return rgb, sigma

@@ -8,7 +8,7 @@ import torch
 import train
 from configs import EXP1, EXP2, EXP3, ConfigError
 from nerf import NeRF
-from utils import Rays, render_rays, sample_along_rays, sample_pdf, volume_render
+from utils import Rays, query_kept, render_rays, sample_along_rays, sample_pdf, volume_render
 
 
 def test_bfloat16_autocast_runs_the_matmuls_in_bfloat16_and_renders_in_float32():
@@ -111,6 +111,25 @@ def test_compiled_model_matches_eager():
     compiled = torch.compile(model)
     for (a, b) in zip(model(pts), compiled(pts)):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def test_rays_with_zero_or_one_kept_sample_neither_recompile_nor_change_the_render():
+    """torch.compile specializes batch sizes 0 and 1: a compiled model must not see them (each cost seconds)."""
+    torch.manual_seed(0)
+    model, graphs = NeRF(num_layers=4), []
+    compiled = torch.compile(model, dynamic=True, backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    rays = Rays(torch.zeros(2, 3), torch.nn.functional.normalize(torch.rand(2, 3), dim=-1))
+    t = torch.linspace(2.0, 4.0, 8).expand(2, 8).contiguous()
+    for kept in (5, 1, 0):
+        keep = torch.zeros(2, 8, dtype=torch.bool)
+        keep.view(-1)[:kept] = True
+        rgb, sigma = query_kept(compiled, rays, t, keep)
+        ref_rgb, ref_sigma = query_kept(model, rays, t, keep)
+        rgb.sum().backward()  # the gradient pass works on padded calls too
+        torch.testing.assert_close(sigma, ref_sigma)
+        torch.testing.assert_close(rgb, ref_rgb)
+        assert int((sigma != 0).sum()) <= kept and not sigma[~keep].any()
+    assert len(graphs) == 1
 
 
 def test_fused_adamw_takes_the_same_step_as_the_plain_one():

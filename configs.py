@@ -34,7 +34,7 @@ EXP1 = {
     "SKIP_ZERO_DENSITY": False,  # training: a no-grad pass drops the samples of zero ReLU density (no gradient) first
     "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)
     # optimisation
-    "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
+    "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images (on a GPU 8192: README)
     "LR": 2e-3,                  # peak AdamW learning rate
     "MIN_LR": 5e-5,              # learning rate at the end of the cosine decay
     "WARMUP_STEPS": 100,         # linear warm-up steps

@@ -41,7 +41,7 @@ def square_mm_timer(n, dtype, device):
     """A function timing one n x n torch.mm in dtype, in seconds (operands made once).
 
     b is multiplied transposed, as F.linear does: on a CPU without oneDNN's bf16 kernels torch's fallback bf16
-    GEMM ran 10-20x faster so than as a @ b (12-21 against 0.7-1.3 GFLOP/s at 512^2 and 1024^2 on the 2-core
+    GEMM ran 10-20x faster that way than as a @ b (12-21 against 0.7-1.3 GFLOP/s at 512^2 and 1024^2 on the 2-core
     box), while fp32 (MKL) ran both layouts at the same speed there.
     """
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)

@@ -31,6 +31,11 @@ def ternary_linears(model):
     return [(f"layers.{i}.1", block[1]) for i, block in enumerate(model.layers)]
 
 
+def fp32_gemm_is_exact(a_i8):
+    """Whether the integer product with int8 a_i8 takes fp32 GEMM: on CPU, where its K * 127 < 2^24."""
+    return a_i8.device.type == "cpu" and a_i8.shape[1] * 127 < 2 ** 24
+
+
 def scaled_int8_mm(a_i8, b_i8, row_scale, col_scale):
     """torchao's scaled int8 matmul, bit-identical, with the integer product done by fp32 GEMM on CPU.
 
@@ -38,10 +43,10 @@ def scaled_int8_mm(a_i8, b_i8, row_scale, col_scale):
     fp32 training). Products of int8 activations and ternary weights summed over K terms stay below 2^24
     while K * 127 < 2^24, so fp32 holds them exactly and fp32 GEMM gives the same integers.
     """
-    if a_i8.device.type == "cpu" and a_i8.shape[1] * 127 < 2 ** 24:
+    if fp32_gemm_is_exact(a_i8):
         product = a_i8.float() @ b_i8.float()
     else:  # CUDA's int8 GEMM wants more than 16 rows; pad only then (F.pad copies even when it adds nothing)
-        rows = len(a_i8)
+        rows = a_i8.shape[0]  # not len(a_i8): under torch.compile that fixed the row count, one graph per batch size
         product = torch._int_mm(F.pad(a_i8, (0, 0, 0, 17 - rows)) if rows < 17 else a_i8, b_i8)[:rows]
     return product * col_scale.view(-1) * row_scale.view(-1, 1)
 

@@ -50,6 +50,20 @@ def test_qat_uses_our_int8_matmul_which_takes_few_rows_on_the_int_mm_path(monkey
     assert torch.equal(scaled_int8_mm(a, b, torch.ones(5), torch.tensor(1.0)), (a.long() @ b.long()).float())
 
 
+def test_the_int_mm_path_keeps_the_batch_size_symbolic_under_compile(monkeypatch):
+    """On a GPU the int8 product takes torch._int_mm; compiled, one graph must serve every batch size (with len()
+    each size got its own, and an H100 run of exp4 hit dynamo's limit of 8 graphs)."""
+    import bitnerf
+
+    monkeypatch.setattr(bitnerf, "fp32_gemm_is_exact", lambda a_i8: False)
+    model, graphs = qat_model(num_layers=2), []
+    compiled = torch.compile(model, dynamic=True, backend=lambda gm, _: graphs.append(gm) or gm.forward)
+    for n in (4096, 300, 1000):
+        rgb, sigma = compiled(torch.rand(n, 3))
+        (rgb.sum() + sigma.sum()).backward()
+    assert len(graphs) == 1
+
+
 def test_the_encoded_input_is_padded_to_a_multiple_of_8():
     assert BitNeRF(pos_encode_dims=10).in_dim == 64  # 63 -> 64
     assert all(linear.in_features % 8 == 0 for _, linear in ternary_linears(BitNeRF()))

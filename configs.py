@@ -34,7 +34,7 @@ EXP1 = {
     "SKIP_ZERO_DENSITY": False,  # training: a no-grad pass drops the samples of zero ReLU density (no gradient) first
     "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)
     # optimisation
-    "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images (on a GPU 8192: README)
+    "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
     "LR": 2e-3,                  # peak AdamW learning rate
     "MIN_LR": 5e-5,              # learning rate at the end of the cosine decay
     "WARMUP_STEPS": 100,         # linear warm-up steps
@@ -50,6 +50,7 @@ EXP1 = {
     "DEVICE": "auto",            # 'auto' (cuda if present), 'cpu' or 'cuda'
     "DTYPE": "float32",          # autocast dtype of the forward pass: float32 (off), bfloat16, float16 (CUDA only)
     "DDP_BACKEND": "auto",       # under torchrun: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'
+    "CUDA_GRAPH": True,          # on CUDA: replay the training step as one CUDA graph (one process, not float16; README)
     "COMPILE": False,            # torch.compile the model; off for fp32: with the grid it measured no faster (README)
     # evaluation and outputs
     "EVAL_EVERY": 250,           # validate every this many steps (0 = only at the end)

@@ -99,15 +99,61 @@ def bf16_matmul_is_slow(device):
         return False
 
 
-def build_optimizer(cfg, model, device):
-    """AdamW as configured; a fused kernel where asked and supported, otherwise a notice and the plain one."""
+def use_cuda_graph(cfg, device, world):
+    """Whether to capture the training step as a CUDA graph: asked for, on CUDA, one process, not float16.
+
+    DDP's gradient hooks and float16's GradScaler make host-side decisions every step, which a graph cannot.
+    """
+    return cfg["CUDA_GRAPH"] and device.type == "cuda" and world == 1 and cfg["DTYPE"] != "float16"
+
+
+def build_optimizer(cfg, model, device, graphed=False):
+    """AdamW as configured; a fused kernel where asked and supported, otherwise a notice and the plain one.
+
+    A CUDA graph needs the fused, capturable one: it keeps its step counts on the GPU and can skip a step there.
+    """
     kwargs = dict(lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], amsgrad=cfg["AMSGRAD"])
+    if graphed:
+        return torch.optim.AdamW(model.parameters(), fused=True, capturable=True, **kwargs)
     if cfg["FUSED_OPTIM"]:
         try:
             return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
         except (RuntimeError, TypeError) as e:  # torch says which device or dtype it lacks
             print(f"notice: fused AdamW unavailable on {device.type} ({e}); using the plain one", file=sys.stderr)
     return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)  # on CPU the default loops over tensors
+
+
+def capture_training_step(loss_and_grads, optimizer, generator, warmup=3):
+    """One whole training step (batch, render, backward, clipping, AdamW) captured as a CUDA graph.
+
+    Returns the graph and its (loss, gradient norm) tensors, which each replay overwrites. Replaying it is one
+    launch instead of ~250, and a GPU step is launch-bound (README). As torch's recipe for capturing a whole
+    network asks, warm-up passes on a side stream first create the gradients and AdamW's state; they change no
+    weight, and the generator is rewound after them. In the graph, AdamW reads the learning rate from a tensor
+    (the loop fills it) and skips a step whose gradient norm is not finite (found_inf), as the eager loop does.
+    """
+    device = generator.device
+    state = generator.get_state()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            optimizer.zero_grad(set_to_none=True)
+            loss_and_grads()
+        optimizer.found_inf = torch.ones((), device=device)  # step() creates AdamW's state; found_inf: no update
+        optimizer.step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    generator.set_state(state)
+    for group in optimizer.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]), device=device)
+    graph = torch.cuda.CUDAGraph()
+    graph.register_generator_state(generator)
+    optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients it writes
+    with torch.cuda.graph(graph):
+        loss, grad_norm = loss_and_grads()
+        optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
+        optimizer.step()
+    return graph, (loss, grad_norm)
 
 
 def progress(cfg, step, seconds):
@@ -407,7 +453,8 @@ def fit(cfg, rank, world, device):
 
     model = build_model(cfg, device)
     grid = build_grid(cfg, scene, device)
-    optimizer = build_optimizer(cfg, model, device)
+    graphed = use_cuda_graph(cfg, device, world)
+    optimizer = build_optimizer(cfg, model, device, graphed)
     # every rank holds the same generator state: each draws the global batch and keeps its shard (utils.Shard)
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg["SEED"])
@@ -447,44 +494,63 @@ def fit(cfg, rank, world, device):
     # compile first, then wrap, as DDP expects; under torchrun always, so one process exercises the DDP path too
     net = wrap_ddp(cfg, fast, device) if dist.is_initialized() else fast
 
-    run = open_wandb(cfg, out_dir, ckpt.get("wandb_id") if ckpt else None) if main_rank else None
-    done = lambda: step >= cfg["MAX_STEPS"] or 0 < cfg["TIME_BUDGET_S"] <= train_s  # noqa: E731
-    bar = tqdm(total=cfg["MAX_STEPS"], initial=step, desc=cfg["EXPERIMENT"], dynamic_ncols=True,
-               disable=None if main_rank else True)
     shard = cfg["BATCH_SIZE"] // world
     lo = rank * shard
-    rays_per_s = 0.0
     skip_zero_density = cfg["SKIP_ZERO_DENSITY"] and cfg["DENSITY_ACT"] == "relu"  # softplus is never zero
-    while not done():
-        t0 = time.perf_counter()
-        lr = learning_rate(cfg, step, progress(cfg, step, train_s))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        if grid is not None and step % GRID_EVERY == 0 and step > 0:
-            # through the compiled model: the eager QAT forward made each update 2.3x slower (~15% of training time)
-            grid.update(fast, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=generator)
+
+    def loss_and_grads():
+        """Draw a batch, render it and backpropagate its loss; returns (loss, gradient norm before clipping)."""
         rays, target = sample_batch(train_views, cfg["BATCH_SIZE"], generator)
         rays, target = Rays(*(x[lo: lo + shard] for x in rays)), target[lo: lo + shard]
         with amp:
             rgb, _, acc = render_rays(net, rays, scene.near, scene.far, cfg["NUM_SAMPLES"], scene.background,
                                       Shard(generator, lo, cfg["BATCH_SIZE"]), grid, cfg["NUM_FINE"],
-                                      skip_zero_density=skip_zero_density)
+                                      skip_zero_density=skip_zero_density, fixed_shapes=graphed)
         loss = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
         if cfg["OPACITY_REG"]:
             loss = loss + cfg["OPACITY_REG"] * (acc * (1 - acc)).mean()
-        optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"] or float("inf"))
+        return loss, torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"] or float("inf"))
+
+    graph = None
+    if graphed:
+        t0 = time.perf_counter()
+        graph, (graph_loss, graph_grad_norm) = capture_training_step(loss_and_grads, optimizer, generator)
+        capture_s = time.perf_counter() - t0
+        compile_s += capture_s
+        print(f"captured the training step as a CUDA graph in {capture_s:.1f} s", file=sys.stderr)
+
+    run = open_wandb(cfg, out_dir, ckpt.get("wandb_id") if ckpt else None) if main_rank else None
+    done = lambda: step >= cfg["MAX_STEPS"] or 0 < cfg["TIME_BUDGET_S"] <= train_s  # noqa: E731
+    bar = tqdm(total=cfg["MAX_STEPS"], initial=step, desc=cfg["EXPERIMENT"], dynamic_ncols=True,
+               disable=None if main_rank else True)
+    rays_per_s = 0.0
+    while not done():
+        t0 = time.perf_counter()
+        lr = learning_rate(cfg, step, progress(cfg, step, train_s))
+        for group in optimizer.param_groups:
+            if graph is not None:
+                group["lr"].fill_(lr)  # the graph reads the learning rate from this tensor
+            else:
+                group["lr"] = lr
+        if grid is not None and step % GRID_EVERY == 0 and step > 0:
+            # through the compiled model: the eager QAT forward made each update 2.3x slower (~15% of training time)
+            grid.update(fast, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=generator)
+        if graph is not None:
+            graph.replay()
+            loss, grad_norm = graph_loss, graph_grad_norm
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm = loss_and_grads()
         # the gradient norm is taken after DDP's all-reduce, so every rank makes the same decision
         bad = not torch.isfinite(grad_norm) and not scaler.is_enabled()
         if bad and cfg["NONFINITE"] == "stop":
             raise UserError(f"non-finite loss or gradient at step {step + 1}; the last good checkpoint is kept in "
                             f"{ckpt_path}; lower --lr, set --grad_clip, or --nonfinite=skip")
-        if bad:
+        if bad:  # (the graph's AdamW has skipped it already)
             print(f"notice: non-finite gradient at step {step + 1}; step skipped", file=sys.stderr)
-            optimizer.zero_grad(set_to_none=True)
-        else:
+        elif graph is None:
             scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped and the scale lowered
         scaler.update()
         step += 1

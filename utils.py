@@ -189,14 +189,32 @@ def query_kept(model, rays, t, keep, skip_zero_density=False):
     return rgb, sigma
 
 
-def shade(model, rays, t, far, background, grid=None, min_transmittance=0.0, skip_zero_density=False):
+def query_all(model, rays, t, keep):
+    """The model's rgb (R, S, 3) and density (R, S) at every depth t along rays, then zero where keep is False.
+
+    The same as query_kept, but no sample is left out: every call has the same shapes, as a CUDA graph needs.
+    """
+    points = torch.addcmul(rays.origins[:, None], rays.viewdirs[:, None], t[..., None]).reshape(-1, 3)
+    use_viewdirs = getattr(model, "module", model).use_viewdirs
+    dirs = rays.viewdirs[:, None].expand(*t.shape, 3).reshape(-1, 3) if use_viewdirs else None
+    rgb, sigma = model(points, dirs)
+    return (torch.where(keep[..., None], rgb.float().view(*t.shape, 3), 0.0),
+            torch.where(keep, sigma.float().view(t.shape), 0.0))
+
+
+def shade(model, rays, t, far, background, grid=None, min_transmittance=0.0, skip_zero_density=False,
+          fixed_shapes=False):
     """Query the model at depths t (only where the occupancy grid says there may be density) and composite.
 
     With min_transmittance > 0 and no gradients (rendering), samples are queried front to back in blocks of
     ERT_BLOCK, and a ray whose transmittance fell below min_transmittance is no longer queried (early ray
     termination): the skipped samples could change its colour and opacity by less than min_transmittance.
+    With fixed_shapes (training under a CUDA graph) every sample is queried and the culled ones zeroed instead
+    (query_all): the same result, with shapes that do not depend on the grid.
     """
     keep = grid.occupied(rays.origins, rays.viewdirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    if fixed_shapes:
+        return volume_render(*query_all(model, rays, t, keep), t, far, background)
     if not min_transmittance or torch.is_grad_enabled():
         rgb, sigma = query_kept(model, rays, t, keep, skip_zero_density)
         return volume_render(rgb, sigma, t, far, background)
@@ -212,21 +230,22 @@ def shade(model, rays, t, far, background, grid=None, min_transmittance=0.0, ski
 
 
 def render_rays(model, rays, near, far, num_samples, background, generator=None, grid=None, num_fine=0,
-                min_transmittance=0.0, skip_zero_density=False):
+                min_transmittance=0.0, skip_zero_density=False, fixed_shapes=False):
     """Render rays: stratified samples, and with num_fine a coarse -> fine pass as in the NeRF paper.
 
     The coarse pass runs without gradients through the same model; its weights place num_fine more
     samples, and the loss sees the union of both sets (so empty space is still supervised).
     min_transmittance turns on early ray termination when rendering (see shade); skip_zero_density leaves the
-    samples of zero density out of the gradient pass when training (see query_kept).
+    samples of zero density out of the gradient pass when training (see query_kept); fixed_shapes queries every
+    sample instead of compacting the kept ones (see shade), for a CUDA graph.
     Returns rgb (R, 3), depth (R,), opacity (R,).
     """
     t = sample_along_rays(rays, near, far, num_samples, generator)
     if num_fine:
         with torch.no_grad():
-            weights = shade(model, rays, t, far, background, grid, min_transmittance)[3]
+            weights = shade(model, rays, t, far, background, grid, min_transmittance, fixed_shapes=fixed_shapes)[3]
         t = torch.sort(torch.cat([t, sample_pdf(t, weights, far, num_fine, generator)], dim=-1), dim=-1).values
-    return shade(model, rays, t, far, background, grid, min_transmittance, skip_zero_density)[:3]
+    return shade(model, rays, t, far, background, grid, min_transmittance, skip_zero_density, fixed_shapes)[:3]
 
 
 @torch.no_grad()

@@ -214,6 +214,41 @@ def test_skipping_zero_density_samples_leaves_loss_and_gradients_unchanged():
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+def test_fixed_shapes_render_equals_the_compacted_one_with_every_call_the_same_size():
+    """A CUDA graph's render (every sample queried, the culled ones zeroed) gives the compacted render's loss and
+    gradients, through a grid that culls, a coarse -> fine pass and view directions."""
+    torch.manual_seed(0)
+    model = NeRF(pos_encode_dims=6, num_layers=4, emb_dim=32, use_viewdirs=True)
+    grid = OccupancyGrid(bound=1.5, resolution=16, sigma_threshold=1.0)
+    grid.update(Ball(), decay=1.0)
+    sizes = []
+
+    class Sizes(torch.nn.Module):
+        use_viewdirs = True
+
+        def forward(self, x, d=None):
+            sizes.append(x.shape[0])
+            return model(x, d)
+
+    rays = get_rays(pose_spherical(30.0, -20.0, 4.0), 8, 8, 10.0)
+    target = torch.rand(64, 3)
+    grads, losses, counts = [], [], []
+    for fixed in (False, True):
+        sizes.clear()
+        rgb, _, acc = render_rays(Sizes(), rays, 2.0, 6.0, 32, torch.zeros(3), torch.Generator().manual_seed(3),
+                                  grid, num_fine=16, fixed_shapes=fixed)
+        loss = torch.nn.functional.mse_loss(rgb, target) + 0.01 * (acc * (1 - acc)).mean()
+        model.zero_grad()
+        loss.backward()
+        losses.append(loss.item())
+        counts.append(list(sizes))
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert sum(counts[0]) < 0.5 * sum(counts[1])  # the grid culled: compaction sent far fewer samples
+    assert counts[1] == [64 * 32, 64 * 48]  # fixed: every sample of the coarse, then of the fine pass
+    assert abs(losses[0] - losses[1]) < 1e-6 and grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
 def test_gif_keeps_every_frame_in_order_and_its_colours(tmp_path):
     """The shared-palette GIF holds all frames, in order, within a few levels of their colours."""
     import imageio.v2 as imageio

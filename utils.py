@@ -156,8 +156,7 @@ class OccupancyGrid(nn.Module):
 
 def query_points(model, points, dirs):
     """model(points, dirs), called on at least 2 rows: torch.compile specializes batch sizes 0 and 1, and each
-    would recompile the model (exp4's with gradients: 6-11 s apiece on the 2-core CPU; on an H200 exp4 hit
-    dynamo's limit of 8 graphs)."""
+    would recompile the model (exp4's with gradients: 6-11 s apiece on the 2-core CPU)."""
     n = len(points)
     if n >= 2:
         return model(points, dirs)

@@ -138,7 +138,7 @@ class OccupancyGrid(nn.Module):
         """Measure the model's density at a jittered point in a random `fraction` of the cells.
 
         On a CPU 4,096 points per model call keep the activations in cache (on 65,536 points 1.5-2x faster than
-        one call); a GPU takes 65,536 per call, as there each call's cost is its ~20 kernel launches (README).
+        one call); a GPU takes 65,536 per call, as there each call's cost is its ~30 kernel launches (README).
         """
         n = self.resolution ** 3
         dev = self.density.device

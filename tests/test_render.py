@@ -111,6 +111,25 @@ def test_occupancy_grid_keeps_dense_cells_and_culls_empty_ones():
     assert not occupied_at(grid, torch.tensor([[2.0, 0.0, 0.0]])).any()  # outside the cube: nothing to query
 
 
+def test_grid_update_measures_the_same_density_whatever_its_call_size():
+    sizes = []
+
+    class Sized(Blob):  # a smooth field, so that a point misplaced between calls would change the result
+        def forward(self, x, d=None):
+            sizes.append(len(x))
+            return super().forward(x, d)
+
+    densities = {}
+    for chunk in (None, 1000, 4096, 10 ** 6):  # None: the CPU's default, 4,096
+        grid = OccupancyGrid(bound=1.5, resolution=24, sigma_threshold=1.0)
+        sizes.clear()
+        grid.update(Sized(), 0.5, generator=torch.Generator().manual_seed(3), chunk=chunk)
+        assert max(sizes) == min(chunk or 4096, 24 ** 3 // 2) and sum(sizes) == 24 ** 3 // 2
+        densities[chunk] = grid.density
+    for d in densities.values():  # the same points and cells; only the last bit of a vectorised op may differ
+        torch.testing.assert_close(d, densities[None], rtol=1e-6, atol=0.0)
+
+
 def test_the_grid_lookup_reads_the_cell_a_point_lies_in_and_nothing_outside_the_cube():
     grid = OccupancyGrid(bound=1.5, resolution=4, sigma_threshold=1.0)
     grid.density.fill_(0.0)

@@ -126,6 +126,24 @@ def check_config(cfg):
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
 
 
+def key_docs():
+    """Each key's one-line comment in EXP1's definition above: {KEY: comment}."""
+    import re
+
+    with open(__file__, encoding="utf-8") as f:
+        return dict(re.findall(r'^ +"([A-Z0-9_]+)": .*?# (.+)$', f.read(), re.M))
+
+
+def usage(preset, script):
+    """What `python expN.py --help` prints: how to override, then every key with this preset's value."""
+    docs = key_docs()
+    flags = {k: f"--{k.lower()}={v}" for k, v in preset.items()}
+    width = max(map(len, flags.values()))
+    return "\n".join([f"usage: python {script} [--key=value ...] [--debug]   (keys case-insensitive; "
+                      "--debug shows tracebacks)", "keys, with this preset's values:",
+                      *(f"  {flags[k]:<{width}}  {docs.get(k, '')}" for k in preset)])
+
+
 def apply_overrides(cfg, argv):
     """The preset with `--key=value` arguments applied, type-checked and range-checked."""
     cfg = dict(cfg)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bitnerf import BitNeRF, export_ternary, load_ternary, plain_state, quantize_for_training
-from configs import ConfigError, UserError, apply_overrides
+from configs import ConfigError, UserError, apply_overrides, usage
 from dataset import load_scene, sample_batch
 from nerf import NeRF, model_kwargs
 from utils import (OccupancyGrid, Rays, Shard, colorize_depth, pose_spherical, psnr, render_image, render_rays, ssim, to_uint8,
@@ -619,6 +619,9 @@ def fit(cfg, rank, world, device):
 def main(preset, argv=None):
     """Command-line entry: parse overrides, train, and turn bad input into one line on stderr + exit 2."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(usage(preset, os.path.basename(sys.argv[0])))
+        return
     debug = "--debug" in argv
     try:
         train(apply_overrides(preset, [a for a in argv if a != "--debug"]))

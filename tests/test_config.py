@@ -1,7 +1,7 @@
 """Command-line overrides: matching, parsing, type and range errors."""
 import pytest
 
-from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, ConfigError, apply_overrides
+from configs import EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, ConfigError, apply_overrides, key_docs
 
 
 def test_overrides_are_case_insensitive_and_typed():
@@ -36,3 +36,16 @@ def test_every_preset_is_complete_and_valid():
     for preset in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6):
         assert set(preset) == set(EXP1)
         apply_overrides(preset, [])
+
+
+def test_help_lists_every_key_with_the_presets_value_and_its_comment(capsys):
+    from train import main
+
+    assert set(key_docs()) == set(EXP1)  # every key has its one-line comment in configs.py
+    main(EXP4, ["--lr=5", "--help"])  # prints and returns: no training, and no override is applied
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("usage: python ")
+    row = {line.split()[0]: line for line in lines[2:]}
+    assert len(row) == len(EXP4)
+    assert "--lr=0.01" in row and "peak AdamW learning rate" in row["--lr=0.01"]
+    assert "'nerf' (fp32 weights)" in row["--model=bitnerf"]

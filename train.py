@@ -4,7 +4,9 @@ import gc
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import nullcontext
 
@@ -154,6 +156,40 @@ def capture_training_step(loss_and_grads, optimizer, generator, warmup=3):
         optimizer.found_inf = (~torch.isfinite(grad_norm)).float()
         optimizer.step()
     return graph, (loss, grad_norm)
+
+
+class Interrupted(Exception):
+    """Training was stopped by a signal after checkpointing; `code` is the exit status (128 + the signal)."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class GracefulStop:
+    """While active, Ctrl-C or SIGTERM only asks the loop to stop after its current step (a second one stops at once).
+
+    Only for one process and its main thread: under torchrun the ranks would first have to agree on the step.
+    """
+
+    def __init__(self, active):
+        self.active = active and threading.current_thread() is threading.main_thread()
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if self.active:
+            self.previous = {s: signal.signal(s, self.request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        """The signal handler: remember the first signal; a second one interrupts at once."""
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def progress(cfg, step, seconds):
@@ -526,61 +562,67 @@ def fit(cfg, rank, world, device):
     bar = tqdm(total=cfg["MAX_STEPS"], initial=step, desc=cfg["EXPERIMENT"], dynamic_ncols=True,
                disable=None if main_rank else True)
     rays_per_s = 0.0
-    while not done():
-        t0 = time.perf_counter()
-        lr = learning_rate(cfg, step, progress(cfg, step, train_s))
-        for group in optimizer.param_groups:
+    with GracefulStop(not dist.is_initialized()) as stop:  # Ctrl-C: end the step, checkpoint, stop
+        while not done() and stop.signum is None:
+            t0 = time.perf_counter()
+            lr = learning_rate(cfg, step, progress(cfg, step, train_s))
+            for group in optimizer.param_groups:
+                if graph is not None:
+                    group["lr"].fill_(lr)  # the graph reads the learning rate from this tensor
+                else:
+                    group["lr"] = lr
+            if grid is not None and step % GRID_EVERY == 0 and step > 0:
+                # through the compiled model: the eager QAT forward made each update 2.3x slower (~15% of training time)
+                grid.update(fast, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=generator)
             if graph is not None:
-                group["lr"].fill_(lr)  # the graph reads the learning rate from this tensor
+                graph.replay()
+                loss, grad_norm = graph_loss, graph_grad_norm
             else:
-                group["lr"] = lr
-        if grid is not None and step % GRID_EVERY == 0 and step > 0:
-            # through the compiled model: the eager QAT forward made each update 2.3x slower (~15% of training time)
-            grid.update(fast, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=generator)
-        if graph is not None:
-            graph.replay()
-            loss, grad_norm = graph_loss, graph_grad_norm
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            loss, grad_norm = loss_and_grads()
-        # the gradient norm is taken after DDP's all-reduce, so every rank makes the same decision
-        bad = not torch.isfinite(grad_norm) and not scaler.is_enabled()
-        if bad and cfg["NONFINITE"] == "stop":
-            raise UserError(f"non-finite loss or gradient at step {step + 1}; the last good checkpoint is kept in "
-                            f"{ckpt_path}; lower --lr, set --grad_clip, or --nonfinite=skip")
-        if bad:  # (the graph's AdamW has skipped it already)
-            print(f"notice: non-finite gradient at step {step + 1}; step skipped", file=sys.stderr)
-        elif graph is None:
-            scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped and the scale lowered
-        scaler.update()
-        step += 1
-        dt = time.perf_counter() - t0
-        train_s += dt
-        if world > 1 and cfg["TIME_BUDGET_S"]:  # every rank must stop at the same step
-            train_s = all_reduce([train_s], "max")[0]
-        rays_per_s = cfg["BATCH_SIZE"] / dt if rays_per_s == 0 else 0.9 * rays_per_s + 0.1 * cfg["BATCH_SIZE"] / dt
-        if main_rank and (step % cfg["LOG_EVERY"] == 0 or done()):
-            stats = {"train/loss": loss.item(), "train/psnr": -10 * math.log10(max(loss.item(), 1e-10)),
-                     "train/grad_norm": grad_norm.item(), "train/lr": lr, "train/rays_per_s": rays_per_s}
-            curve.append({"step": step, "train_seconds": round(train_s, 2), "loss": stats["train/loss"]})
-            bar.set_postfix(loss=f"{stats['train/loss']:.4f}", psnr=f"{stats['train/psnr']:.2f}",
-                            rays_s=f"{rays_per_s:.0f}")
-            if run:
-                run.log(stats, step=step)
-        bar.update(1)
-        if cfg["EVAL_EVERY"] and step % cfg["EVAL_EVERY"] == 0 and not done():
-            scores, first = evaluate_views(fast, val_views, scene, cfg, grid, amp, cfg["EVAL_VIEWS"], rank=rank,
-                                           world=world)
-            history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
-            bar.write(f"step {step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
-                      f"({scores['views']} views, {train_s:.0f} s)") if main_rank else None
-            if run:
-                run.log({"val/psnr": scores["psnr"], "val/ssim": scores["ssim"]}, step=step)
-                log_images(run, step, first)
-        if step % cfg["CKPT_EVERY"] == 0 and not done():
-            checkpoint()
+                optimizer.zero_grad(set_to_none=True)
+                loss, grad_norm = loss_and_grads()
+            # the gradient norm is taken after DDP's all-reduce, so every rank makes the same decision
+            bad = not torch.isfinite(grad_norm) and not scaler.is_enabled()
+            if bad and cfg["NONFINITE"] == "stop":
+                raise UserError(f"non-finite loss or gradient at step {step + 1}; the last good checkpoint is kept in "
+                                f"{ckpt_path}; lower --lr, set --grad_clip, or --nonfinite=skip")
+            if bad:  # (the graph's AdamW has skipped it already)
+                print(f"notice: non-finite gradient at step {step + 1}; step skipped", file=sys.stderr)
+            elif graph is None:
+                scaler.step(optimizer)  # with fp16, a step whose gradients overflowed is skipped and the scale lowered
+            scaler.update()
+            step += 1
+            dt = time.perf_counter() - t0
+            train_s += dt
+            if world > 1 and cfg["TIME_BUDGET_S"]:  # every rank must stop at the same step
+                train_s = all_reduce([train_s], "max")[0]
+            rays_per_s = cfg["BATCH_SIZE"] / dt if rays_per_s == 0 else 0.9 * rays_per_s + 0.1 * cfg["BATCH_SIZE"] / dt
+            if main_rank and (step % cfg["LOG_EVERY"] == 0 or done()):
+                stats = {"train/loss": loss.item(), "train/psnr": -10 * math.log10(max(loss.item(), 1e-10)),
+                         "train/grad_norm": grad_norm.item(), "train/lr": lr, "train/rays_per_s": rays_per_s}
+                curve.append({"step": step, "train_seconds": round(train_s, 2), "loss": stats["train/loss"]})
+                bar.set_postfix(loss=f"{stats['train/loss']:.4f}", psnr=f"{stats['train/psnr']:.2f}",
+                                rays_s=f"{rays_per_s:.0f}")
+                if run:
+                    run.log(stats, step=step)
+            bar.update(1)
+            if cfg["EVAL_EVERY"] and step % cfg["EVAL_EVERY"] == 0 and not done():
+                scores, first = evaluate_views(fast, val_views, scene, cfg, grid, amp, cfg["EVAL_VIEWS"], rank=rank,
+                                               world=world)
+                history.append({"step": step, "train_seconds": round(train_s, 2), **scores})
+                bar.write(f"step {step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
+                          f"({scores['views']} views, {train_s:.0f} s)") if main_rank else None
+                if run:
+                    run.log({"val/psnr": scores["psnr"], "val/ssim": scores["ssim"]}, step=step)
+                    log_images(run, step, first)
+            if step % cfg["CKPT_EVERY"] == 0 and not done():
+                checkpoint()
     bar.close()
     checkpoint()
+    if stop.signum is not None:
+        if run:
+            run.finish(exit_code=128 + stop.signum)
+        raise Interrupted(f"{signal.Signals(stop.signum).name} at step {step}: checkpoint written to {ckpt_path}; "
+                          "rerun the same command to resume", 128 + stop.signum)
     del net  # a DDP module must be garbage-collected before destroy_process_group (see train)
 
     t0 = time.perf_counter()
@@ -630,3 +672,6 @@ def main(preset, argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(e.code)

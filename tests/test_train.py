@@ -55,6 +55,54 @@ def test_resume_after_interruption_gives_the_same_parameters(small_cfg, tmp_path
     assert metrics["val_psnr"] == json.load(open(os.path.join(straight["OUT_DIR"], "metrics.json")))["val_psnr"]
 
 
+def test_ctrl_c_ends_the_step_checkpoints_and_a_rerun_ends_like_an_uninterrupted_run(small_cfg, tmp_path,
+                                                                                     monkeypatch):
+    import signal
+
+    straight = {**small_cfg, "OUT_DIR": str(tmp_path / "straight"), "CKPT_EVERY": 1000}
+    train.train(straight)
+    real_lr = train.learning_rate
+
+    def ctrl_c_during_step_8(cfg, step, frac):
+        if step == 7:  # mid-step: the batch of step 8 is still to be drawn and trained
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr(cfg, step, frac)
+
+    monkeypatch.setattr(train, "learning_rate", ctrl_c_during_step_8)
+    cfg = {**small_cfg, "CKPT_EVERY": 1000}  # no periodic checkpoint: the stop must write its own
+    with pytest.raises(train.Interrupted, match="SIGINT at step 8: checkpoint written to .*rerun") as stopped:
+        train.train(cfg)
+    assert stopped.value.code == 130
+    assert torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)["step"] == 8
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.setattr(train, "learning_rate", real_lr)
+    train.train(cfg)
+    a = torch.load(os.path.join(straight["OUT_DIR"], "ckpt.pt"), weights_only=True)
+    b = torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)
+    assert a["step"] == b["step"] == 40
+    for k, v in a["model"].items():
+        assert torch.equal(b["model"][k], v), k
+
+
+def test_sigterm_at_the_command_line_checkpoints_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "exp1.py", *FAST, "--max_steps=100000", "--ckpt_every=5",
+                             f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGTERM at step ") and "rerun the same command to resume" in last, last
+    step = int(last.split("at step ")[1].split(":")[0])
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == step > 0
+
+
 KILL_DURING_SAVE = """
 import os, signal, sys, torch, train
 real = torch.save

@@ -50,7 +50,7 @@ EXP1 = {
     "DEVICE": "auto",            # 'auto' (cuda if present), 'cpu' or 'cuda'
     "DTYPE": "float32",          # autocast dtype of the forward pass: float32 (off), bfloat16, float16 (CUDA only)
     "DDP_BACKEND": "auto",       # under torchrun: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'
-    "CUDA_GRAPH": True,          # on CUDA: replay the training step as one CUDA graph (one process, not float16; README)
+    "CUDA_GRAPH": True,          # on CUDA: replay the training step as one CUDA graph (not under torchrun, not float16; README)
     "COMPILE": False,            # torch.compile the model; off for fp32: with the grid it measured no faster (README)
     # evaluation and outputs
     "EVAL_EVERY": 250,           # validate every this many steps (0 = only at the end)

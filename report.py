@@ -2,9 +2,9 @@
 
     python report.py [--budget_s=600] [--data=PATH] [--only=exp1,exp4] [--quick] [--wandb=auto]
 
-Each experiment trains from scratch in its own run directory (exp5/exp6 under torchrun with 2 processes),
-is evaluated on the held-out views at the end of its run, and its 360-degree orbit and depth GIFs are
-copied to the media directory. A full report (all six, not --quick) writes media/ and rewrites the README's
+Each experiment trains from scratch in its own run directory (exp5/exp6 under torchrun with 2 processes; on a
+GPU machine one per GPU, at most 2), is evaluated on the held-out views at the end of its run, and its
+360-degree orbit and depth GIFs are copied to the media directory. A full report (all six, not --quick) writes media/ and rewrites the README's
 results block; --only and --quick write their table, curves and GIFs under the run directory instead.
 --quick (a few seconds per experiment) checks that the pipeline works.
 """
@@ -23,7 +23,7 @@ from bench import SHARED_TINY, markdown
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4", "exp5", "exp6")
-DDP_PROCS = {"exp5": 2, "exp6": 2}
+DDP_EXPS = ("exp5", "exp6")  # run under torchrun
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
 QUICK = {"budget_s": 10.0, "video_frames": 4, "eval_every": 25, "data": "synthetic"}
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
@@ -50,12 +50,19 @@ def size_text(path):
     return f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
 
 
+def ddp_processes():
+    """Processes for exp5/exp6: 2; on a CUDA machine one per GPU, at most 2 (each nccl rank needs a GPU of its own)."""
+    import torch
+
+    return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+
+
 def command(exp, args, run_dir):
     """The command line that trains one experiment for the report."""
     script = os.path.join(ROOT, f"{exp}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]
-    if exp in DDP_PROCS:
-        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={DDP_PROCS[exp]}",
+    if exp in DDP_EXPS:
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ddp_processes()}",
                   script]
     overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
                  "--max_steps=1000000000", f"--wandb={args.wandb}",  # the budget, not MAX_STEPS, ends each run

@@ -101,12 +101,13 @@ def bf16_matmul_is_slow(device):
         return False
 
 
-def use_cuda_graph(cfg, device, world):
-    """Whether to capture the training step as a CUDA graph: asked for, on CUDA, one process, not float16.
+def use_cuda_graph(cfg, device):
+    """Whether to capture the training step as a CUDA graph: asked for, on CUDA, not under torchrun, not float16.
 
-    DDP's gradient hooks and float16's GradScaler make host-side decisions every step, which a graph cannot.
+    DDP's gradient hooks (even with one process) and float16's GradScaler make host-side decisions every step,
+    which a graph cannot.
     """
-    return cfg["CUDA_GRAPH"] and device.type == "cuda" and world == 1 and cfg["DTYPE"] != "float16"
+    return cfg["CUDA_GRAPH"] and device.type == "cuda" and not dist.is_initialized() and cfg["DTYPE"] != "float16"
 
 
 def build_optimizer(cfg, model, device, graphed=False):
@@ -489,7 +490,7 @@ def fit(cfg, rank, world, device):
 
     model = build_model(cfg, device)
     grid = build_grid(cfg, scene, device)
-    graphed = use_cuda_graph(cfg, device, world)
+    graphed = use_cuda_graph(cfg, device)
     optimizer = build_optimizer(cfg, model, device, graphed)
     # every rank holds the same generator state: each draws the global batch and keeps its shard (utils.Shard)
     generator = torch.Generator(device=device)

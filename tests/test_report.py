@@ -26,7 +26,7 @@ def test_quick_report_runs_every_experiment_and_writes_a_table_that_parses(tmp_p
         assert int(r["steps"]) > 0 and float(r["train s"]) >= report.QUICK["budget_s"] - 1
         assert float(r["samples/s"].replace(",", "")) > 0 and int(r["peak mem MB"]) > 0
         assert 5.0 < float(r["val PSNR"].split()[0]) < 60.0 and -1.0 <= float(r["val SSIM"]) <= 1.0
-        assert int(r["processes"]) == report.DDP_PROCS.get(r["experiment"], 1)
+        assert int(r["processes"]) == (2 if r["experiment"] in report.DDP_EXPS else 1)
         assert r["checkpoint"].endswith("MB")
         if r["experiment"] in ("exp4", "exp6"):  # BitNeRF: exported ternary file, evaluated as exported
             assert r["export"].endswith("kB") and float(r["val PSNR"].split("export ")[1].rstrip(")")) > 5.0
@@ -36,6 +36,17 @@ def test_quick_report_runs_every_experiment_and_writes_a_table_that_parses(tmp_p
         assert (tmp_path / f"{r['experiment']}_depth.gif").stat().st_size > 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert open(os.path.join(ROOT, "README.md")).read() == readme_before  # --quick never rewrites the README
+
+
+def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):
+    args = report.parse_args(["--out_dir=x"])
+    nproc = lambda exp: [a for a in report.command(exp, args, "run") if a.startswith("--nproc")]  # noqa: E731
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert nproc("exp5") == nproc("exp6") == ["--nproc_per_node=2"] and nproc("exp1") == []
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    for gpus, procs in ((1, 1), (2, 2), (8, 2)):  # nccl: a GPU per rank
+        monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+        assert nproc("exp6") == [f"--nproc_per_node={procs}"]
 
 
 def test_report_rewrites_only_the_readme_block(tmp_path):

@@ -55,6 +55,23 @@ def test_resume_after_interruption_gives_the_same_parameters(small_cfg, tmp_path
     assert metrics["val_psnr"] == json.load(open(os.path.join(straight["OUT_DIR"], "metrics.json")))["val_psnr"]
 
 
+def test_the_cuda_graph_is_used_only_on_cuda_without_torchrun_or_float16():
+    import torch.distributed as dist
+
+    from configs import EXP1
+
+    cuda = torch.device("cuda")
+    assert train.use_cuda_graph(EXP1, cuda)
+    assert not train.use_cuda_graph({**EXP1, "CUDA_GRAPH": False}, cuda)
+    assert not train.use_cuda_graph({**EXP1, "DTYPE": "float16"}, cuda)
+    assert not train.use_cuda_graph(EXP1, torch.device("cpu"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # torchrun, one process: DDP
+    try:
+        assert not train.use_cuda_graph(EXP1, cuda)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_ctrl_c_ends_the_step_checkpoints_and_a_rerun_ends_like_an_uninterrupted_run(small_cfg, tmp_path,
                                                                                      monkeypatch):
     import signal

@@ -8,7 +8,10 @@ peak memory over --steps steps of the training loop on lego_tiny.
     python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
 Any other --key=value is a config override applied to every experiment (e.g. --batch_size=8192 --dtype=bfloat16).
 Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
-of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget).
+of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget), the share of the ray samples
+that reached the MLP's gradient pass (the rest the grid culled or had zero density), and the MLP FLOPs of the
+whole run (gradient passes, no-grad passes and grid updates) per second of training against the same dtype's
+torch.mm peak (the higher of one timed before and one after training).
     python bench.py --quality [--budget_s=600] [--exps=exp1]
 Each experiment runs in its own process so that its peak memory is its own.
 """
@@ -71,16 +74,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def mlp_flops_per_point(model):
-    """Useful training FLOPs per sample point: forward, weight and input gradient of every Linear, without the
-    input gradient of the encoded input (first and skip layers: it needs none) or the padding columns."""
+def mlp_flops_per_point(model, backward=True):
+    """Useful FLOPs per sample point: forward, weight and input gradient of every Linear, without the input
+    gradient of the encoded input (first and skip layers: it needs none) or the padding columns; with
+    backward=False those of the forward pass alone."""
     from nerf import encoded_dim
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    flops = sum(2 * m.in_features * m.out_features * 3 for m in linears)
     reading = linears[0].out_features * (1 + len(model.skips))  # outputs of the layers that read the encoding
     pad = model.in_dim - encoded_dim(model.pos_encode_dims)  # zero columns: computed (forward, weight grad), no use
-    return flops - 2 * model.in_dim * reading - 2 * 2 * pad * reading
+    forward = sum(2 * m.in_features * m.out_features for m in linears) - 2 * pad * reading
+    if not backward:
+        return forward
+    return 3 * forward - 2 * model.in_dim * reading + 2 * pad * reading  # pad: forward and weight grad only
 
 
 def mlp_step_gflops(cfg, device, points, reps=5):
@@ -108,6 +114,37 @@ def mlp_step_gflops(cfg, device, points, reps=5):
         times.append(time.perf_counter() - t0), mm_times.append(timed_mm())
     median = lambda ts: sorted(ts[2:])[reps // 2]  # noqa: E731
     return mlp_flops_per_point(model) * len(pts) / median(times) / 1e9, 2 * n ** 3 / median(mm_times) / 1e9
+
+
+def count_mlp_points():
+    """From now on, count the points training sends to the MLP, with and without gradients; returns the counts.
+
+    Counted where the loop calls the model (utils.query_points, OccupancyGrid.update) while it is in training mode:
+    validation and videos (eval mode) and the export's grid rebuild after training are not training time.
+    """
+    import train
+    import utils
+
+    counts = {"grad": 0, "no_grad": 0, "training": True}
+    query, update, export = utils.query_points, utils.OccupancyGrid.update, train.export_and_evaluate
+
+    def counted_query(model, points, dirs):
+        if counts["training"] and model.training:
+            counts["grad" if torch.is_grad_enabled() else "no_grad"] += len(points)
+        return query(model, points, dirs)
+
+    def counted_update(grid, model, fraction=1.0, *args, **kwargs):
+        if counts["training"]:
+            counts["no_grad"] += max(1, int(grid.resolution ** 3 * fraction))
+        return update(grid, model, fraction, *args, **kwargs)
+
+    def export_after_training(*args, **kwargs):
+        counts["training"] = False
+        return export(*args, **kwargs)
+
+    utils.query_points, utils.OccupancyGrid.update, train.export_and_evaluate = (counted_query, counted_update,
+                                                                                 export_after_training)
+    return counts
 
 
 @torch.no_grad()
@@ -148,11 +185,21 @@ def run_child(args, overrides):
            "samples_per_ray": cfg["NUM_SAMPLES"] + cfg["NUM_FINE"], "device": str(device)}
     if args.quality:
         cfg.update(TIME_BUDGET_S=float(args.budget_s), MAX_STEPS=10 ** 9, EVAL_EVERY=args.eval_every, EVAL_VIEWS=100)
+        dtype = torch.float32 if cfg["DTYPE"] == "float32" else torch.bfloat16
+        peak = mm_peak_gflops(dtype, device)
+        counts = count_mlp_points()
         metrics = train.train(cfg)
+        peak = max(peak, mm_peak_gflops(dtype, device))  # the higher of the peaks before and after: a fair reference
         for frac in (0.25, 0.5, 1.0):
             seen = [h for h in metrics["history"] if h["train_seconds"] <= frac * args.budget_s + 1]
             row[f"psnr@{frac * args.budget_s:.0f}s"] = round(seen[-1]["psnr"], 2) if seen else None
-        row.update(steps=metrics["steps"], ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"])
+        model = train.build_model(cfg, device)
+        mlp = (counts["grad"] * mlp_flops_per_point(model) + counts["no_grad"] * mlp_flops_per_point(model, False)) \
+            / metrics["train_seconds"] / 1e9
+        samples = metrics["steps"] * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
+        row.update(steps=metrics["steps"], ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"],
+                   **{"% of samples trained": round(100 * counts["grad"] / samples, 1), "mlp_gflops": round(mlp, 1),
+                      "mm_peak_gflops": round(peak), "% of mm peak": round(100 * mlp / peak, 1)})
     else:
         cfg.update(MAX_STEPS=args.steps, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
         for key, points in (("", cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])), (" culled", CULLED_POINTS)):
@@ -225,7 +272,8 @@ def main():
             print(json.dumps(row), file=sys.stderr, flush=True)
     if args.quality:
         marks = [f"psnr@{f * args.budget_s:.0f}s" for f in (0.25, 0.5, 1.0)]
-        print(markdown(rows, ["exp", "dtype", "batch", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s"]))
+        print(markdown(rows, ["exp", "dtype", "batch", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s",
+                              "% of samples trained", "mlp_gflops", "mm_peak_gflops", "% of mm peak"]))
     else:
         print(markdown(rows, ["exp", "dtype", "compile", "batch", "samples_per_ray", "rays_per_s", "samples_per_s",
                               "mlp_gflops", "mm_peak_gflops", "% of mm peak", "mlp_gflops culled",

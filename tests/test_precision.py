@@ -59,6 +59,27 @@ def test_bench_counts_the_matmul_flops_a_training_step_does_less_the_padding():
         (rgb.sum() + sigma.sum()).backward()
     pad_flops = 2 * 2 * (model.in_dim - 63) * 64 * 2  # forward and weight gradient of the zero column, 2 layers
     assert counter.get_total_flops() == len(pts) * (bench.mlp_flops_per_point(model) + pad_flops)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(pts)
+    assert counter.get_total_flops() == len(pts) * (bench.mlp_flops_per_point(model, backward=False) + pad_flops // 2)
+
+
+def test_bench_quality_mode_prints_psnr_at_its_marks_and_the_runs_fraction_of_the_mm_peak():
+    import json
+    import subprocess
+    import sys
+
+    import bench
+
+    out = subprocess.run([sys.executable, bench.__file__, "--quality", "--exps=exp1", "--budget_s=8", "--data=synthetic",
+                          "--eval_every=10", "--num_layers=2", "--emb_dim=32", "--batch_size=256"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads([ln for ln in out.stderr.splitlines() if ln.startswith("{")][-1])
+    assert all(row[f"psnr@{t}s"] > 5.0 for t in (2, 4, 8)) and row["steps"] > 10
+    assert 0.0 < row["% of samples trained"] <= 100.0
+    assert row["mlp_gflops"] > 0 and 0.0 < row["% of mm peak"] == round(100 * row["mlp_gflops"] / row["mm_peak_gflops"], 1)
+    assert "| % of mm peak |" in out.stdout
 
 
 def test_bench_applies_config_overrides_and_refuses_bad_ones_before_running():

@@ -9,9 +9,9 @@ peak memory over --steps steps of the training loop on lego_tiny.
 Any other --key=value is a config override applied to every experiment (e.g. --batch_size=8192 --dtype=bfloat16).
 Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
 of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget), the share of the ray samples
-that reached the MLP's gradient pass (the rest the grid culled or, with SKIP_ZERO_DENSITY, had zero density), and the MLP FLOPs of the
-whole run (gradient passes, no-grad passes and grid updates) per second of training against the same dtype's
-torch.mm peak (the higher of one timed before and one after training).
+that reached the MLP's gradient pass (the rest the grid culled or, with SKIP_ZERO_DENSITY, had zero density),
+and the MLP FLOPs of the whole run (gradient passes, no-grad passes and grid updates) per second of training
+against the same dtype's torch.mm peak (the higher of one timed before and one after training).
     python bench.py --quality [--budget_s=600] [--exps=exp1]
 Each experiment runs in its own process so that its peak memory is its own.
 """

@@ -4,9 +4,9 @@
 
 Each experiment trains from scratch in its own run directory (exp5/exp6 under torchrun with 2 processes; on a
 GPU machine one per GPU, at most 2), is evaluated on the held-out views at the end of its run, and its
-360-degree orbit and depth GIFs are copied to the media directory. A full report (all six, not --quick) writes media/ and rewrites the README's
-results block; --only and --quick write their table, curves and GIFs under the run directory instead.
---quick (a few seconds per experiment) checks that the pipeline works.
+360-degree orbit and depth GIFs are copied to the media directory. A full report (all six, not --quick)
+writes media/ and rewrites the README's results block; --only and --quick write their table, curves and GIFs
+under the run directory instead. --quick (a few seconds per experiment) checks that the pipeline works.
 """
 import argparse
 import json

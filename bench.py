@@ -133,10 +133,10 @@ def count_mlp_points():
             counts["grad" if torch.is_grad_enabled() else "no_grad"] += len(points)
         return query(model, points, dirs)
 
-    def counted_update(grid, model, fraction=1.0, *args, **kwargs):
-        if counts["training"]:
-            counts["no_grad"] += max(1, int(grid.resolution ** 3 * fraction))
-        return update(grid, model, fraction, *args, **kwargs)
+    def counted_update(*args, **kwargs):
+        measured = update(*args, **kwargs)
+        counts["no_grad"] += measured if counts["training"] else 0
+        return measured
 
     def export_after_training(*args, **kwargs):
         counts["training"] = False

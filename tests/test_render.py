@@ -123,8 +123,8 @@ def test_grid_update_measures_the_same_density_whatever_its_call_size():
     for chunk in (None, 1000, 4096, 10 ** 6):  # None: the CPU's default, 4,096
         grid = OccupancyGrid(bound=1.5, resolution=24, sigma_threshold=1.0)
         sizes.clear()
-        grid.update(Sized(), 0.5, generator=torch.Generator().manual_seed(3), chunk=chunk)
-        assert max(sizes) == min(chunk or 4096, 24 ** 3 // 2) and sum(sizes) == 24 ** 3 // 2
+        measured = grid.update(Sized(), 0.5, generator=torch.Generator().manual_seed(3), chunk=chunk)
+        assert max(sizes) == min(chunk or 4096, 24 ** 3 // 2) and sum(sizes) == measured == 24 ** 3 // 2
         densities[chunk] = grid.density
     for d in densities.values():  # the same points and cells; only the last bit of a vectorised op may differ
         torch.testing.assert_close(d, densities[None], rtol=1e-6, atol=0.0)

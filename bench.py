@@ -119,7 +119,7 @@ def mlp_step_gflops(cfg, device, points, reps=5):
 def count_mlp_points():
     """From now on, count the points training sends to the MLP, with and without gradients; returns the counts.
 
-    Counted where the loop calls the model (utils.query_points, OccupancyGrid.update) while it is in training mode:
+    Counted where every model call of the loop goes (utils.query_points, OccupancyGrid.update) in training mode:
     validation and videos (eval mode) and the export's grid rebuild after training are not training time.
     """
     import train

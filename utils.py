@@ -199,7 +199,7 @@ def query_all(model, rays, t, keep):
     points = torch.addcmul(rays.origins[:, None], rays.viewdirs[:, None], t[..., None]).reshape(-1, 3)
     use_viewdirs = getattr(model, "module", model).use_viewdirs
     dirs = rays.viewdirs[:, None].expand(*t.shape, 3).reshape(-1, 3) if use_viewdirs else None
-    rgb, sigma = model(points, dirs)
+    rgb, sigma = query_points(model, points, dirs)
     return (torch.where(keep[..., None], rgb.float().view(*t.shape, 3), 0.0),
             torch.where(keep, sigma.float().view(t.shape), 0.0))
 

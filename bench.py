@@ -27,7 +27,7 @@ import torch
 
 import configs
 
-# points a trained exp1 step sends to the MLP once the occupancy grid has culled (~4.3k of its 65,536 samples);
+# about the points a trained exp1 step sends to the MLP once the occupancy grid has culled (docs/performance.md);
 # rendering's model calls (one per block of 8 samples on 4,096 rays, after the grid) are of that size or smaller
 CULLED_POINTS = 4096
 SHARED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lego_tiny.npz")
@@ -44,8 +44,7 @@ def square_mm_timer(n, dtype, device):
     """A function timing one n x n torch.mm in dtype, in seconds (operands made once).
 
     b is multiplied transposed, as F.linear does: on a CPU without oneDNN's bf16 kernels torch's fallback bf16
-    GEMM ran 10-20x faster that way than as a @ b (12-21 against 0.7-1.3 GFLOP/s at 512^2 and 1024^2 on the 2-core
-    box), while fp32 (MKL) ran both layouts at the same speed there.
+    GEMM runs far faster that way than as a @ b, while fp32 runs both layouts alike (docs/performance.md).
     """
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
@@ -92,7 +91,7 @@ def mlp_flops_per_point(model, backward=True):
 def mlp_step_gflops(cfg, device, points, reps=5):
     """Median GFLOP/s of one forward + backward of the MLP on `points` random points, and of a square torch.mm
     in the step's dtype timed between its reps: the peak it is held against, under the same load (on a shared
-    machine a peak taken minutes apart measured anywhere from 72 to 169 GFLOP/s)."""
+    machine a peak taken minutes apart can differ by 2x)."""
     import train
 
     model = train.build_model(cfg, device)
@@ -177,8 +176,9 @@ def bench_config(exp, args, overrides):
 def run_child(args, overrides):
     """Measure one experiment in this process and print one JSON line."""
     import train
+    import utils
 
-    train.keep_freed_memory()  # as training does: the MLP step is measured under the same allocator
+    utils.keep_freed_memory()  # as training does: the MLP step is measured under the same allocator
     cfg = bench_config(args.child, args, overrides)
     device = train.resolve_device(cfg["DEVICE"])
     row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"], "batch": cfg["BATCH_SIZE"],
@@ -202,7 +202,8 @@ def run_child(args, overrides):
                       "mm_peak_gflops": round(peak), "% of mm peak": round(100 * mlp / peak, 1)})
     else:
         cfg.update(MAX_STEPS=args.steps, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
-        for key, points in (("", cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])), (" culled", CULLED_POINTS)):
+        whole = cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
+        for key, points in (("", whole), (" culled", CULLED_POINTS)):
             mlp, peak = mlp_step_gflops(cfg, device, points)
             row.update({f"mlp_gflops{key}": round(mlp, 1), f"mm_peak_gflops{key}": round(peak),
                         f"% of mm peak{key}": round(100 * mlp / peak, 1)})
@@ -216,7 +217,7 @@ def run_child(args, overrides):
             row["export_infer_samples_per_s"] = round(inference_samples_per_s(exported, cfg, device))
         metrics = train.train(cfg)
         row.update(rays_per_s=metrics["rays_per_s"], samples_per_s=metrics["samples_per_s"])
-    row["peak_mem_mb"] = round(train.peak_memory_mb(device))
+    row["peak_mem_mb"] = round(utils.peak_memory_mb(device))
     print("BENCH " + json.dumps(row), flush=True)
 
 
@@ -250,13 +251,17 @@ def main():
         except configs.ConfigError as e:
             p.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})"
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})")
     print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, data {os.path.basename(args.data)}")
     rows = []
     if not args.quality:
         peaks = {dt: mm_peak_gflops(getattr(torch, dt), device) for dt in ("float32", "bfloat16")}
         print(f"torch.mm peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
-    compiles = ("preset",) if args.quality and args.compile == "both" else ("off", "on") if args.compile == "both" else (args.compile,)
+    if args.compile == "both":
+        compiles = ("preset",) if args.quality else ("off", "on")
+    else:
+        compiles = (args.compile,)
     for exp in args.exps.split(","):
         for comp in compiles:
             cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={args.data}",

@@ -5,13 +5,20 @@ tensor) and activations int8 per row in the forward pass, full-precision latent 
 The output head (EMB_DIM -> 4) stays full precision: under 1% of the weights, and its 4 outputs are too narrow
 for int8 matmul kernels. The encoded input is zero-padded to a multiple of 8 (63 -> 64) by nerf.py.
 """
+import io
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nerf import NeRF
+from nerf import NeRF, model_kwargs
+from utils import save_checkpoint
 
 EXPORT_FORMAT = "bitnerf-ternary-v1"
+# the config keys an export keeps: what eval.py needs to render and score it as training did
+EXPORT_KEYS = ("DATA", "DOWNSCALE", "WHITE_BKGD", "NUM_SAMPLES", "NUM_FINE", "OCC_GRID", "SCENE_BOUND", "GRID_RES",
+               "SEED", "CHUNK", "ERT_TRANSMITTANCE", "DTYPE")
 
 
 class BitNeRF(NeRF):
@@ -39,9 +46,9 @@ def fp32_gemm_is_exact(a_i8):
 def scaled_int8_mm(a_i8, b_i8, row_scale, col_scale):
     """torchao's scaled int8 matmul, bit-identical, with the integer product done by fp32 GEMM on CPU.
 
-    CPUs without int8 dot-product instructions run torch._int_mm at ~1 GOP/s (measured: 5x slower QAT than
-    fp32 training). Products of int8 activations and ternary weights summed over K terms stay below 2^24
-    while K * 127 < 2^24, so fp32 holds them exactly and fp32 GEMM gives the same integers.
+    CPUs without int8 dot-product instructions run torch._int_mm far slower than fp32 GEMM (docs/bitnerf.md).
+    Products of int8 activations and ternary weights summed over K terms stay below 2^24 while
+    K * 127 < 2^24, so fp32 holds them exactly and fp32 GEMM gives the same integers.
     """
     if fp32_gemm_is_exact(a_i8):
         product = a_i8.float() @ b_i8.float()
@@ -56,8 +63,8 @@ def quantize_for_training(model):
     from torchao import quantize_
     from torchao.prototype.quantized_training import bitnet, bitnet_training
 
-    # torchao's Triton kernel autotunes per row count, which the occupancy grid changes every step (on an H100
-    # exp4 did not finish 20 steps in 100 s); its fallback is torch._int_mm, and ours is also exact and fast on CPU
+    # torchao's Triton kernel autotunes per row count, which the occupancy grid changes every step (docs/bitnerf.md);
+    # its fallback is torch._int_mm, and ours is also exact and fast on CPU
     bitnet.scaled_int8_mm = scaled_int8_mm
     names = {name for name, _ in ternary_linears(model)}
     quantize_(model, bitnet_training(), filter_fn=lambda module, fqn: fqn in names)
@@ -126,8 +133,10 @@ class TernaryLinear(nn.Module):
 
 def export_ternary(model, config, rest_dtype=torch.float16):
     """The export dict (loads with weights_only=True): the ternary weights 2-bit packed in one buffer, their
-    fp32 scales, every other parameter (biases, output head) in one rest_dtype buffer, and the config. Tensor names and shapes follow from the config, so they are not stored (each stored tensor or
-    string costs bytes in a file of ~13 kB). Works on copies: the model and its training are left untouched.
+    fp32 scales, every other parameter (biases, output head) in one rest_dtype buffer, and the config.
+
+    Tensor names and shapes follow from the config, so they are not stored (each stored tensor or string costs
+    bytes in a file of a few kB). Works on copies: the model and its training are left untouched.
     """
     ternary = {f"{name}.weight" for name, _ in ternary_linears(model)}
     packed, scales, rest = [], [], []
@@ -147,37 +156,51 @@ def load_ternary(export, model_kwargs):
     model = BitNeRF(**model_kwargs)
     layers = ternary_linears(model)
     sizes = [-(-linear.weight.numel() // 4) for _, linear in layers]
-    for (name, linear), packed, scale in zip(layers, export["packed"].split(sizes), export["scales"]):
+    for (name, linear), packed, scale in zip(layers, export["packed"].split(sizes), export["scales"], strict=True):
         model.get_submodule(name.rsplit(".", 1)[0])[1] = TernaryLinear(packed, scale, tuple(linear.weight.shape))
     state = model.state_dict()  # the TernaryLinears' biases and the other parameters, in export order
     values = export["rest"].float().split([v.numel() for v in state.values()])
-    model.load_state_dict({k: v.view_as(state[k]) for k, v in zip(state, values)})
+    model.load_state_dict({k: v.view_as(state[k]) for k, v in zip(state, values, strict=True)})
     return model.eval()
+
+
+def build_bitnerf(cfg, device):
+    """The BitNeRF a config describes, on device, its hidden Linears quantized for QAT."""
+    return quantize_for_training(BitNeRF(**model_kwargs(cfg)).to(device))
+
+
+def export_bitnerf(model, cfg, path):
+    """Write the ternary export of a BitNeRF to path; returns its size and that of the fp32 weights, in bytes."""
+    legacy = dict(_use_new_zipfile_serialization=False)  # the zip format costs ~1.4 kB more in a file of a few kB
+    keep = (*EXPORT_KEYS, *(k.upper() for k in model_kwargs(cfg)))
+    save_checkpoint(export_ternary(model, {k: cfg[k] for k in keep}), path, **legacy)
+    fp32 = io.BytesIO()
+    torch.save({k: v.float() for k, v in plain_state(model.state_dict()).items()}, fp32, **legacy)
+    return os.path.getsize(path), len(fp32.getvalue())
 
 
 def main(argv=None):
     """`python bitnerf.py RUN_DIR_OR_CKPT [--out=PATH]`: export a BitNeRF training checkpoint (default next to it)."""
     import argparse
-    import os
     import sys
 
-    import train
-    from configs import EXP1, UserError
+    from configs import UserError
+    from utils import checkpoint_path, load_checkpoint, load_weights
 
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("ckpt", help="run directory holding ckpt.pt, or a checkpoint file")
     p.add_argument("--out", default=None, help="export path (default: bitnerf_ternary.pt beside the checkpoint)")
     args = p.parse_args(argv)
     try:
-        path = train.checkpoint_path(args.ckpt)
-        ckpt = train.load_checkpoint(path)
-        cfg = {**EXP1, **ckpt["config"]}
+        path = checkpoint_path(args.ckpt)
+        ckpt = load_checkpoint(path)
+        cfg = ckpt["config"]
         if cfg["MODEL"] != "bitnerf":
             raise UserError(f"{path} is a {cfg['MODEL']} checkpoint; only MODEL=bitnerf runs (exp4, exp6) export")
-        model = train.build_model(cfg, torch.device("cpu"))
-        train.load_weights(model, ckpt["model"], path)
+        model = build_bitnerf(cfg, torch.device("cpu"))
+        load_weights(model, ckpt["model"], path)
         out = args.out or os.path.join(os.path.dirname(path), "bitnerf_ternary.pt")
-        size, fp32_size = train.export_bitnerf(model, cfg, out)
+        size, fp32_size = export_bitnerf(model, cfg, out)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -4,9 +4,11 @@ torchao's BitNet training weights are tensor subclasses wrapping an fp32 tensor.
 parameters they are: it broadcasts rank 0's weights at construction and all-reduces their gradients, which
 are plain fp32 tensors (torchao's backward returns them), so the latent fp32 weights stay identical on every
 rank and each rank's ternary weights - recomputed from them every forward - are identical too. What goes
-wrong otherwise, as in the seed: quantizing rank 0's live model in place mid-training leaves the ranks
-training different models, and calling `model.module` for the forward bypasses the gradient all-reduce.
-Export and checkpoints come from the unwrapped module on rank 0 only (train.py), never from the DDP wrapper.
+wrong otherwise, as in the original NeRF-Experiments code: quantizing rank 0's live model in place
+mid-training leaves the ranks training different models, and calling `model.module` for the forward
+bypasses the gradient all-reduce.
+Export and checkpoints come from the unwrapped module on rank 0 only (train.py), never from the DDP
+wrapper.
 """
 from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -12,18 +12,18 @@ class ConfigError(UserError):
 EXP1 = {
     "EXPERIMENT": "exp1",        # name of the run (wandb run name, checkpoint tag)
     # data
-    "DATA": "tiny_nerf",         # 'tiny_nerf' (downloaded on first use), 'synthetic', a .npz, or a nerf_synthetic folder
+    "DATA": "auto",              # 'auto' (tiny_nerf if reachable, else synthetic), 'tiny_nerf', 'synthetic', .npz, dir
     "DOWNSCALE": 1,              # nerf_synthetic only: integer image downscale (800 px / 8 = 100 px)
     "WHITE_BKGD": False,         # nerf_synthetic only: composite RGBA over white instead of black
     "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume
     # model (nerf.py, bitnerf.py)
-    "MODEL": "nerf",             # 'nerf' (fp32 weights) or 'bitnerf' (RMSNorm + BitNet b1.58 ternary QAT, ternary export)
+    "MODEL": "nerf",             # 'nerf' (fp32 weights) or 'bitnerf' (RMSNorm + BitNet b1.58 ternary QAT and export)
     "POS_ENCODE_DIMS": 10,       # positional-encoding frequencies of xyz (input itself included on top)
     "NUM_LAYERS": 8,             # hidden ReLU layers; the encoded input is concatenated back every 4
     "EMB_DIM": 64,               # width of each hidden layer
     "USE_VIEWDIRS": False,       # also feed the view direction (for view-dependent colour)
     "DIR_ENCODE_DIMS": 4,        # positional-encoding frequencies of the view direction
-    "DENSITY_ACT": "relu",       # density activation: 'relu' (the seed's) or 'softplus' (never dies; measured slower)
+    "DENSITY_ACT": "relu",       # density activation: 'relu' (the original code's) or 'softplus' (never dies; slower)
     # rendering (utils.py)
     "NUM_SAMPLES": 64,           # stratified samples per ray between the scene's near and far bounds
     "NUM_FINE": 0,               # extra samples per ray drawn where a no-grad first pass found density (0 = one pass)
@@ -40,8 +40,8 @@ EXP1 = {
     "WARMUP_STEPS": 100,         # linear warm-up steps
     "WEIGHT_DECAY": 0.0,         # AdamW decoupled weight decay
     "AMSGRAD": False,            # AdamW's AMSGrad variant
-    "FUSED_OPTIM": False,        # fused AdamW kernel where the device supports it (a notice and the plain one elsewhere)
-    "OPACITY_REG": 1e-2,         # weight of mean(acc * (1 - acc)): each ray fully opaque or empty, so the grid culls more
+    "FUSED_OPTIM": False,        # fused AdamW where the device supports it (elsewhere a notice and the plain one)
+    "OPACITY_REG": 1e-2,         # weight of mean(acc * (1 - acc)): rays opaque or empty, so the grid culls more
     "NONFINITE": "stop",         # on a NaN/inf gradient: 'stop' (keep the last checkpoint, exit 2) or 'skip' the step
     "GRAD_CLIP": 0.0,            # clip the gradient norm to this (0 = off; the norm is logged either way)
     "MAX_STEPS": 7000,           # training steps; the LR schedule spans them (or TIME_BUDGET_S if that ends first)
@@ -49,44 +49,45 @@ EXP1 = {
     "SEED": 0,                   # seeds the model init, the ray batches and the sample jitter
     "DEVICE": "auto",            # 'auto' (cuda if present), 'cpu' or 'cuda'
     "DTYPE": "float32",          # autocast dtype of the forward pass: float32 (off), bfloat16, float16 (CUDA only)
+    "LAUNCH": "python",          # how it is meant to start: 'python' or 'torchrun' (a notice when it is not)
     "DDP_BACKEND": "auto",       # under torchrun: 'auto' (nccl on CUDA, gloo on CPU), 'nccl' or 'gloo'
-    "CUDA_GRAPH": True,          # on CUDA: replay the training step as one CUDA graph (not under torchrun, not float16; README)
-    "COMPILE": False,            # torch.compile the model; off for fp32: with the grid it measured no faster (README)
+    "CUDA_GRAPH": True,          # on CUDA: replay the training step as one CUDA graph (not under torchrun or float16)
+    "COMPILE": False,            # torch.compile the model; off for fp32: with the grid it measured no faster (docs/)
     # evaluation and outputs
     "EVAL_EVERY": 250,           # validate every this many steps (0 = only at the end)
     "EVAL_VIEWS": 2,             # validation views rendered at each periodic validation (all of them at the end)
     "CKPT_EVERY": 250,           # write ckpt.pt every this many steps (and always at the end)
     "LOG_EVERY": 25,             # log training loss, PSNR, grad-norm and LR every this many steps
     "VIDEO_FRAMES": 120,         # frames of the 360-degree video at the end (0 = no video)
-    "WANDB": "auto",             # 'auto' (online if an API key is configured, else offline), 'online', 'offline', 'disabled'
+    "WANDB": "auto",             # 'auto' (online with an API key, else offline), 'online', 'offline', 'disabled'
     "WANDB_PROJECT": "nerf-experiments",  # wandb project name
 }
 
-# exp2: the base NeRF under BF16 autocast, with the seed's AMSGrad and fused AdamW.
-# SKIP_ZERO_DENSITY pays where the MLP dominates a step (bf16 here, QAT): exp2 855 steps against 415 (README).
+# exp2: the base NeRF under BF16 autocast, with the original code's AMSGrad and fused AdamW. SKIP_ZERO_DENSITY
+# pays where the MLP dominates a step (bf16 on a CPU, QAT): docs/performance.md.
 EXP2 = {**EXP1, "EXPERIMENT": "exp2", "OUT_DIR": "out/exp2", "DTYPE": "bfloat16", "AMSGRAD": True,
         "FUSED_OPTIM": True, "SKIP_ZERO_DENSITY": True}
-# exp3: more samples per ray, spent where the density is (coarse -> fine). Its opacity regulariser is now every
-# experiment's default: it empties the haze the occupancy grid could not cull (exp1: 2.5x the steps, README).
+# exp3: more samples per ray, spent where the density is (coarse -> fine).
 EXP3 = {**EXP1, "EXPERIMENT": "exp3", "OUT_DIR": "out/exp3", "NUM_FINE": 16}
 # exp4: BitNeRF, ternary hidden weights trained with BitNet b1.58 QAT; exported 2-bit packed at the end.
-# LR 1e-2: the latent weights must move far enough to flip their ternary value (150 s sweep in the README).
-# COMPILE: fuses QAT's elementwise quantization passes, 1.4x the training rays/s here (README).
-# NUM_LAYERS 4 x EMB_DIM 160: fewer, wider ternary layers; in 10 min 26.30 and 26.35 dB (exports 26.25, 26.35) in
-# two runs, against 26.01 at 6 x 128, 26.03 at 4 x 128 and 25.76 at 8 x 128 (README).
+# LR 1e-2: the latent weights must move far enough to flip their ternary value. COMPILE fuses QAT's elementwise
+# quantization passes. Fewer, wider ternary layers (4 x 160) won the depth/width sweep (docs/bitnerf.md).
 EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4", "MODEL": "bitnerf", "LR": 1e-2, "COMPILE": True,
         "EMB_DIM": 160, "NUM_LAYERS": 4, "SKIP_ZERO_DENSITY": True}
 # exp5 / exp6: exp1 / exp4 under DistributedDataParallel: `torchrun --standalone --nproc_per_node=2 exp5.py`.
 # BATCH_SIZE stays the global batch (each of N processes renders BATCH_SIZE / N rays), so the LR is unchanged.
-EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5"}
-EXP6 = {**EXP4, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6"}
+EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5", "LAUNCH": "torchrun"}
+EXP6 = {**EXP4, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6", "LAUNCH": "torchrun"}
+PRESETS = {cfg["EXPERIMENT"]: cfg for cfg in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6)}
 
-CHOICES = {"MODEL": ("nerf", "bitnerf"), "DENSITY_ACT": ("relu", "softplus"), "DTYPE": ("float32", "bfloat16", "float16"), "DEVICE": ("auto", "cpu", "cuda"),
-           "DDP_BACKEND": ("auto", "nccl", "gloo"), "NONFINITE": ("stop", "skip"), "WANDB": ("auto", "online", "offline", "disabled")}
+CHOICES = {"MODEL": ("nerf", "bitnerf"), "DENSITY_ACT": ("relu", "softplus"),
+           "DTYPE": ("float32", "bfloat16", "float16"), "DEVICE": ("auto", "cpu", "cuda"),
+           "LAUNCH": ("python", "torchrun"), "DDP_BACKEND": ("auto", "nccl", "gloo"), "NONFINITE": ("stop", "skip"),
+           "WANDB": ("auto", "online", "offline", "disabled")}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES")
-NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
-                "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES")
+NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR",
+                "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES")
 
 
 def parse_value(key, text, default):
@@ -121,7 +122,8 @@ def check_config(cfg):
         if not cfg[key] >= 0:
             raise ConfigError(f"--{key.lower()}={cfg[key]}: must be >= 0")
     if cfg["ERT_TRANSMITTANCE"] >= 1:
-        raise ConfigError(f"--ert_transmittance={cfg['ERT_TRANSMITTANCE']}: must be below 1 (1e-4 is a good value; 0 = off)")
+        raise ConfigError(f"--ert_transmittance={cfg['ERT_TRANSMITTANCE']}: must be below 1 "
+                          "(1e-4 is a good value; 0 = off)")
     if cfg["MIN_LR"] > cfg["LR"]:
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
 

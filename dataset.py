@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 
 from configs import UserError
-from utils import get_rays, pose_spherical, rays_for_pixels
+from utils import atomic_write, get_rays, pose_spherical, rays_for_pixels
 
 TINY_NERF_URL = "https://cseweb.ucsd.edu/~viscomp/projects/LF/papers/ECCV20/nerf/tiny_nerf_data.npz"
 
@@ -49,27 +50,34 @@ def cache_dir():
     return os.environ.get("NERF_CACHE_DIR", default)
 
 
-def download(url, path):
-    """Fetch url to path with a progress bar, through a temp file in the same directory."""
+def download(url, path, check):
+    """Fetch url to path with a progress bar, atomically; check(tmp_path) validates the file before it is kept."""
     from tqdm import tqdm
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".part"
-    try:
+    def fetch(tmp):
         with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise DataError(f"could not download {url} ({e}); pass --data=PATH to a local tiny_nerf_data.npz, "
-                        f"or --data=synthetic to train offline") from None
-    return tmp
+        check(tmp)
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        atomic_write(path, fetch)
+    except (urllib.error.URLError, OSError, UserError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); pass --data=PATH to a local "
+                        "tiny_nerf_data.npz, or --data=synthetic to train offline") from None
+
+
+def composite(images, background):
+    """RGBA images (N, H, W, 4) in [0, 1] composited over a background colour; RGB images as they are."""
+    if images.shape[-1] != 4:
+        return images
+    return images[..., :3] * images[..., 3:] + (1 - images[..., 3:]) * np.asarray(background, dtype=images.dtype)
 
 
 def check_views(images, poses, focal, where):
@@ -87,6 +95,7 @@ def check_views(images, poses, focal, where):
         raise DataError(f"{where}: images or poses contain NaN/inf values; regenerate the data")
     if images.min() < 0 or images.max() > 1:
         raise DataError(f"{where}: image values must lie in [0, 1], got [{images.min():.3g}, {images.max():.3g}]")
+    images = composite(images, np.zeros(3))  # a .npz scene's background is black
     rot = poses[:, :3, :3].astype(np.float64)
     if np.abs(rot @ rot.transpose(0, 2, 1) - np.eye(3)).max() > 1e-3 or \
             np.abs(poses[:, 3] - [0, 0, 0, 1]).max() > 1e-6:
@@ -94,7 +103,7 @@ def check_views(images, poses, focal, where):
                         "check the file's layout")
     if not (np.ndim(focal) == 0 and np.isfinite(focal) and focal > 0):
         raise DataError(f"{where}: focal must be one positive number, got {focal!r}")
-    return torch.from_numpy(np.ascontiguousarray(images[..., :3], dtype=np.float32)), \
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), \
         torch.from_numpy(poses.astype(np.float32)), float(focal)
 
 
@@ -104,7 +113,8 @@ def read_npz(path):
         with np.load(path) as z:
             missing = {"images", "poses", "focal"} - set(z.files)
             if missing:
-                raise DataError(f"{path}: missing arrays {sorted(missing)}; a tiny-NeRF .npz holds images, poses, focal")
+                raise DataError(f"{path}: missing arrays {sorted(missing)}; "
+                                "a tiny-NeRF .npz holds images, poses, focal")
             images, poses, focal = z["images"], z["poses"], z["focal"]
     except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
         if isinstance(e, DataError):
@@ -114,7 +124,7 @@ def read_npz(path):
 
 
 def split_views(images, poses, focal, train_fraction=0.9):
-    """The seed's split: the first 90 % of views train, the rest validate."""
+    """The original code's split: the first 90 % of views train, the rest validate."""
     n_train = max(1, min(len(images) - 1, int(len(images) * train_fraction)))
     return {"train": Views(images[:n_train], poses[:n_train], focal),
             "val": Views(images[n_train:], poses[n_train:], focal),
@@ -129,18 +139,27 @@ def load_npz(path):
     return Scene(split_views(images, poses, focal), 2.0, 6.0, torch.zeros(3))
 
 
-def load_tiny_nerf():
-    """The seed's default data, downloaded once into the cache and validated before it is kept."""
+def tiny_nerf_path():
+    """The cached tiny_nerf_data.npz, downloaded once and validated before it is kept."""
     path = os.path.join(cache_dir(), "tiny_nerf_data.npz")
     if not os.path.exists(path):
-        tmp = download(TINY_NERF_URL, path)
-        try:
-            read_npz(tmp)
-        except DataError:
-            os.remove(tmp)
-            raise
-        os.replace(tmp, path)
-    return load_npz(path)
+        download(TINY_NERF_URL, path, read_npz)
+    return path
+
+
+def resolve_data(data, quiet=False):
+    """The data a run uses: DATA itself, or for 'auto' 'tiny_nerf' when it can be had, else 'synthetic' (with a
+    notice unless quiet)."""
+    if data != "auto":
+        return data
+    try:
+        tiny_nerf_path()
+        return "tiny_nerf"
+    except DataError:
+        if not quiet:
+            print(f"notice: no tiny_nerf_data.npz (offline?), so this run trains on the built-in SYNTHETIC scene, not "
+                  f"lego; for lego put {TINY_NERF_URL} into {cache_dir()}/ or pass --data=PATH", file=sys.stderr)
+        return "synthetic"
 
 
 def load_blender_split(folder, split, downscale, background):
@@ -159,8 +178,7 @@ def load_blender_split(folder, split, downscale, background):
         angle = float(meta["camera_angle_x"])
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"{path}: cannot read the scene ({type(e).__name__}: {e}); check the folder") from None
-    if images.shape[-1] == 4:  # composite at full resolution, then average: what a camera would see
-        images = images[..., :3] * images[..., 3:] + (1 - images[..., 3:]) * background.numpy()
+    images = composite(images, background.numpy())  # at full resolution, then averaged: what a camera would see
     if downscale > 1:
         N, H, W, _ = images.shape
         H, W = H // downscale, W // downscale
@@ -191,7 +209,7 @@ def synthetic_scene(n_views=40, size=48, seed=0):
     box_lo, box_hi, box_rgb = np.array([-0.9, 0.3, -0.7]), np.array([-0.3, 0.9, -0.1]), np.array([0.9, 0.8, 0.2])
     light = np.array([0.4, 0.5, 0.77])
     images, poses = [], []
-    for theta, phi in zip(np.linspace(0, 360, n_views, endpoint=False), rng.uniform(-60, -10, n_views)):
+    for theta, phi in zip(np.linspace(0, 360, n_views, endpoint=False), rng.uniform(-60, -10, n_views), strict=True):
         c2w = pose_spherical(float(theta), float(phi), 3.5)
         rays = get_rays(c2w, size, size, focal)
         o, d = rays.origins.double().numpy(), rays.viewdirs.double().numpy()
@@ -223,14 +241,15 @@ def load_synthetic():
 
 
 def load_scene(data, downscale=1, white_background=False):
-    """Dispatch on DATA: 'tiny_nerf' (download), 'synthetic', a .npz file, or a nerf_synthetic folder."""
+    """Dispatch on DATA: 'auto', 'tiny_nerf' (download), 'synthetic', a .npz file, or a nerf_synthetic folder."""
+    data = resolve_data(data)
     if data == "tiny_nerf":
-        return load_tiny_nerf()
+        return load_npz(tiny_nerf_path())
     if data == "synthetic":
         return load_synthetic()
     if not os.path.exists(data):
         raise DataError(f"data not found: {data}; pass --data=PATH to a .npz or nerf_synthetic scene folder, "
-                        "--data=tiny_nerf to download the default, or --data=synthetic")
+                        "--data=tiny_nerf to download lego, or --data=synthetic")
     if os.path.isdir(data):
         return load_blender(data, downscale, torch.full((3,), 1.0 if white_background else 0.0))
     return load_npz(data)

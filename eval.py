@@ -1,6 +1,7 @@
 """Render every view of a split and print one JSON line of metrics.
 
-python eval.py RUN_DIR_OR_CKPT_OR_EXPORT [--data=PATH] [--split=auto|all|train|val|test] [--out=DIR] [--device=auto]
+    python eval.py RUN_DIR_OR_CKPT_OR_EXPORT [--data=PATH] [--split=auto|all|train|val|test] [--out=DIR]
+Without --data it scores the run's own validation split (or test split, for a folder that has one).
 """
 import argparse
 import json
@@ -8,16 +9,25 @@ import sys
 import time
 
 from bitnerf import EXPORT_FORMAT, load_ternary
-from configs import EXP1, UserError
+from configs import UserError
 from dataset import load_scene
 from nerf import model_kwargs
-from train import (autocast_context, build_grid, build_model, checkpoint_path, evaluate_views, keep_freed_memory,
-                   load_checkpoint, load_weights, rebuild_grid, resolve_device)
+from train import autocast_context, build_model, resolve_device
+from utils import (
+    build_grid,
+    checkpoint_path,
+    evaluate_views,
+    keep_freed_memory,
+    load_checkpoint,
+    load_weights,
+    rebuild_grid,
+)
 
 
-def default_split(data, scene):
-    """All views of a .npz given directly; else the test split when the scene has one, else val."""
-    if data.endswith(".npz"):
+def default_split(data_arg, scene):
+    """All views of a .npz passed with --data; else the test split when the scene has one, else val (a run's own
+    data without --data: its validation split, never the views it trained on)."""
+    if data_arg and data_arg.endswith(".npz"):
         return "all"
     return "test" if "test" in scene.splits else "val"
 
@@ -27,7 +37,7 @@ def run(args):
     keep_freed_memory()
     path = checkpoint_path(args.ckpt)
     ckpt = load_checkpoint(path)
-    cfg = {**EXP1, **ckpt["config"]}  # keys added since the checkpoint was written take their defaults
+    cfg = ckpt["config"]
     device = resolve_device(args.device)
     exported = ckpt.get("format") == EXPORT_FORMAT
     if exported:
@@ -37,7 +47,7 @@ def run(args):
         load_weights(model, ckpt["model"], path)
     data = args.data or cfg["DATA"]
     scene = load_scene(data, cfg["DOWNSCALE"], cfg["WHITE_BKGD"])
-    split = default_split(data, scene) if args.split == "auto" else args.split
+    split = default_split(args.data, scene) if args.split == "auto" else args.split
     if split not in scene.splits:
         raise UserError(f"--split={split}: {data} has only {', '.join(sorted(scene.splits))}")
     views = scene.splits[split]
@@ -60,7 +70,7 @@ def main(argv=None):
     """Parse arguments, evaluate, print the JSON line; bad input is one line on stderr and exit 2."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="run directory holding ckpt.pt, or a checkpoint file")
-    p.add_argument("--data", default=None, help="data to evaluate on (default: the run's DATA)")
+    p.add_argument("--data", default=None, help="data to evaluate on (default: the run's DATA, its val/test split)")
     p.add_argument("--split", default="auto", choices=("auto", "all", "train", "val", "test"))
     p.add_argument("--out", default=None, help="also save each render and its depth map as PNG here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))

@@ -1,4 +1,5 @@
-"""Experiment 1, the base NeRF (fp32): see configs.EXP1. Run: python exp1.py [--key=value ...]"""
+"""Experiment 1: the preset configs.EXP1. Run: python exp1.py [--key=value ...], or under torchrun when its
+LAUNCH key says so (torchrun --standalone --nproc_per_node=2 exp1.py); --help lists every key."""
 from configs import EXP1
 from train import main
 

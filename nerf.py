@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 
 def positional_encoding(x, num_freqs):
-    """[x, sin(2^k x), cos(2^k x)] for k < num_freqs, as in the Keras tutorial the seed ports."""
+    """[x, sin(2^k x), cos(2^k x)] for k < num_freqs, as in the Keras NeRF tutorial."""
     freqs = 2.0 ** torch.arange(num_freqs, device=x.device, dtype=x.dtype)
     xf = (x[..., None, :] * freqs[:, None]).flatten(-2)
     return torch.cat([x, torch.sin(xf), torch.cos(xf)], dim=-1)
@@ -19,7 +19,7 @@ def encoded_dim(num_freqs):
 class NeRF(nn.Module):
     """NUM_LAYERS x EMB_DIM ReLU MLP with the encoded input concatenated back every 4 layers.
 
-    Density goes through ReLU (the seed) or softplus: a ReLU density pushed below zero everywhere early in
+    Density goes through ReLU (the original code's) or softplus: a ReLU density pushed below zero everywhere early in
     training (an easy minimum on a black background) gets no gradient again and the run is lost.
     """
 
@@ -29,8 +29,8 @@ class NeRF(nn.Module):
         self.density_act = {"relu": F.relu, "softplus": F.softplus}[density_act]
         self.pos_encode_dims, self.dir_encode_dims = pos_encode_dims, dir_encode_dims
         self.use_viewdirs = use_viewdirs
-        # zero-padded to a multiple of 8 (63 -> 64): GEMMs with odd K or N ran up to 2x slower here, and int8
-        # kernels (BitNeRF) need it
+        # zero-padded to a multiple of 8 (63 -> 64): GEMMs with an odd K or N take slower paths, and int8 kernels
+        # (BitNeRF) need it
         self.in_dim = in_dim = -(-encoded_dim(pos_encode_dims) // 8) * 8
         self.skips = {i for i in range(4, num_layers, 4)}
         self.layers = nn.ModuleList(

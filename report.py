@@ -2,11 +2,12 @@
 
     python report.py [--budget_s=600] [--data=PATH] [--only=exp1,exp4] [--quick] [--wandb=auto]
 
-Each experiment trains from scratch in its own run directory (exp5/exp6 under torchrun with 2 processes; on a
-GPU machine one per GPU, at most 2), is evaluated on the held-out views at the end of its run, and its
-360-degree orbit and depth GIFs are copied to the media directory. A full report (all six, not --quick)
-writes media/ and rewrites the README's results block; --only and --quick write their table, curves and GIFs
-under the run directory instead. --quick (a few seconds per experiment) checks that the pipeline works.
+Each experiment trains from scratch in its own run directory (a preset with LAUNCH=torchrun under torchrun with
+2 processes; on a GPU machine one per GPU, at most 2) and is evaluated on the held-out views at the end of its
+run. Once all have run, their 360-degree orbit and depth GIFs, the table and the curves are written to the media
+directory. A full report (all six, not --quick) writes media/ and rewrites the README's results block; --only and
+--quick write theirs under the run directory instead. --quick (a few seconds per experiment) checks that the
+pipeline works. Ctrl-C stops the running experiment at its checkpoint and writes nothing to the media directory.
 """
 import argparse
 import json
@@ -14,16 +15,17 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import configs
 from bench import SHARED_TINY, markdown
+from utils import atomic_write, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EXPERIMENTS = ("exp1", "exp2", "exp3", "exp4", "exp5", "exp6")
-DDP_EXPS = ("exp5", "exp6")  # run under torchrun
+EXPERIMENTS = tuple(configs.PRESETS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
 QUICK = {"budget_s": 10.0, "video_frames": 4, "eval_every": 25, "data": "synthetic"}
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
@@ -61,7 +63,7 @@ def command(exp, args, run_dir):
     """The command line that trains one experiment for the report."""
     script = os.path.join(ROOT, f"{exp}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]
-    if exp in DDP_EXPS:
+    if configs.PRESETS[exp]["LAUNCH"] == "torchrun":
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ddp_processes()}",
                   script]
     overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
@@ -79,8 +81,15 @@ def run_experiment(exp, args, run_dir, group):
     print(f"[{time.strftime('%H:%M:%S')}] {exp}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "WANDB_RUN_GROUP": group}).returncode
+        # its own session: a Ctrl-C reaches report.py alone, which passes the child exactly one SIGINT
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "WANDB_RUN_GROUP": group})
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)  # the run ends its step, checkpoints and exits
+            proc.wait()
+            raise
     wall = time.perf_counter() - t0
     metrics_path = os.path.join(run_dir, "metrics.json")
     if code or not os.path.exists(metrics_path):
@@ -94,7 +103,7 @@ def run_experiment(exp, args, run_dir, group):
 
 def table_row(exp, metrics, run_dir):
     """One row of the results table."""
-    cfg = getattr(configs, exp.upper())
+    cfg = configs.PRESETS[exp]
     psnr = f"{metrics['val_psnr']:.2f}"
     if "export_psnr" in metrics:
         psnr += f" (export {metrics['export_psnr']:.2f})"
@@ -124,9 +133,8 @@ def plot_curves(results, path):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
 
 
 def machine():
@@ -142,11 +150,22 @@ def machine():
     return f"{model}, {os.cpu_count()} cores ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__} CPU"
 
 
+def commit():
+    """The short hash of the code's git commit, marked when the checkout has uncommitted changes; '?' without git."""
+    run = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    try:
+        head = run("rev-parse", "--short", "HEAD")
+        return f"{head} with uncommitted changes" if run("status", "--porcelain", "--untracked-files=no") else head
+    except OSError:
+        return "?"
+
+
 def results_markdown(rows, results, args, argv, total_s, media=""):
     """The text of results.md: how it was made, the table, the curves and the GIFs (linked under media)."""
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Data: `{os.path.basename(args.data)}`, "
              f"validation PSNR/SSIM on its held-out views (never trained on).",
-             f"Command: `python report.py {shlex.join(argv)}`".rstrip() + f" — {total_s / 60:.0f} min in all; "
+             f"Command: `python report.py {shlex.join(argv)}`".rstrip() + f", code of commit {commit()} — "
+             f"{total_s / 60:.0f} min in all; "
              f"each experiment trained {args.budget_s:.0f} s from scratch (evaluation and videos not counted); "
              f"orbits of {QUICK['video_frames'] if args.quick else VIDEO_FRAMES} frames.",
              "", markdown(rows, COLUMNS), "",
@@ -168,9 +187,7 @@ def update_readme(path, text):
         raise configs.UserError(f"{path} has no {README_BEGIN} ... {README_END} block to fill; add one")
     head, rest = readme.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{head}{README_BEGIN}\n{text}{README_END}{tail}")
-    os.replace(path + ".tmp", path)
+    write_text(f"{head}{README_BEGIN}\n{text}{README_END}{tail}", path)
 
 
 def parse_args(argv):
@@ -184,11 +201,13 @@ def parse_args(argv):
     p.add_argument("--out_dir", default=None, help="run directories go here (default out/report-DATE-TIME)")
     p.add_argument("--media_dir", default=None, help="results.md, curves and GIFs (default media for a full report, "
                    "else out_dir)")
-    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="README whose results block a full report rewrites")
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
+                   help="README whose results block a full report rewrites")
     p.add_argument("--wandb", default="auto", choices=configs.CHOICES["WANDB"])
     args = p.parse_args(argv)
     args.budget_s = args.budget_s or (QUICK["budget_s"] if args.quick else 600.0)
-    args.data = args.data or (QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "tiny_nerf")
+    if not args.data:
+        args.data = QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "auto"
     args.out_dir = args.out_dir or os.path.join("out", time.strftime("report-%Y%m%d-%H%M%S"))
     args.exps = args.only.split(",")
     full = not args.quick and sorted(args.exps) == sorted(EXPERIMENTS)  # a partial report must not replace the full one
@@ -196,10 +215,46 @@ def parse_args(argv):
     args.readme = args.readme if full else None
     unknown = [e for e in args.exps if e not in EXPERIMENTS]
     if unknown:
-        raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; choose from {', '.join(EXPERIMENTS)}")
-    if not args.data.endswith(".npz") and args.data not in ("tiny_nerf", "synthetic") and not os.path.isdir(args.data):
+        raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; "
+                                f"choose from {', '.join(EXPERIMENTS)}")
+    named = args.data in ("auto", "tiny_nerf", "synthetic")
+    if not args.data.endswith(".npz") and not named and not os.path.isdir(args.data):
         raise configs.UserError(f"--data={args.data}: no such file or folder; pass a .npz, a scene folder or tiny_nerf")
     return args
+
+
+def run_all(args, argv):
+    """Run the experiments one after another; returns {exp: metrics} and the table rows of those that finished."""
+    group, results, rows = os.path.basename(args.out_dir), {}, []
+    for exp in args.exps:
+        run_dir = os.path.join(args.out_dir, exp)
+        try:
+            metrics = run_experiment(exp, args, run_dir, group)
+        except KeyboardInterrupt:
+            print(f"stopped: Ctrl-C during {exp}; its checkpoint is in {run_dir} (rerun its command to resume); "
+                  f"nothing was written to {args.media_dir}", file=sys.stderr)
+            sys.exit(130)
+        if metrics is not None:
+            results[exp] = metrics
+            rows.append(table_row(exp, metrics, run_dir))
+    return results, rows
+
+
+def write_media(results, rows, args, argv, total_s):
+    """The GIFs, curves and results.md (and the README block of a full report), each written atomically."""
+    for exp in results:
+        for name, suffix in (("video", "rgb"), ("depth", "depth")):
+            src = os.path.join(args.out_dir, exp, f"{name}.gif")
+            if os.path.exists(src):
+                atomic_write(os.path.join(args.media_dir, f"{exp}_{suffix}.gif"),
+                             lambda tmp, src=src: shutil.copyfile(src, tmp))
+    plot_curves(results, os.path.join(args.media_dir, "curves.png"))
+    write_text(results_markdown(rows, results, args, argv, total_s), os.path.join(args.media_dir, "results.md"))
+    print(markdown(rows, COLUMNS))
+    print(f"wrote {os.path.join(args.media_dir, 'results.md')}")
+    if args.readme:
+        media = os.path.relpath(args.media_dir, os.path.dirname(os.path.abspath(args.readme)))
+        update_readme(args.readme, results_markdown(rows, results, args, argv, total_s, media + "/"))
 
 
 def main(argv=None):
@@ -211,29 +266,14 @@ def main(argv=None):
     except (configs.UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    group, t0 = os.path.basename(args.out_dir), time.perf_counter()
-    results, rows = {}, []
-    for exp in args.exps:
-        run_dir = os.path.join(args.out_dir, exp)
-        metrics = run_experiment(exp, args, run_dir, group)
-        if metrics is None:
-            continue
-        results[exp] = metrics
-        rows.append(table_row(exp, metrics, run_dir))
-        for name, suffix in (("video", "rgb"), ("depth", "depth")):
-            if os.path.exists(os.path.join(run_dir, f"{name}.gif")):
-                shutil.copyfile(os.path.join(run_dir, f"{name}.gif"), os.path.join(args.media_dir, f"{exp}_{suffix}.gif"))
+    t0 = time.perf_counter()
+    results, rows = run_all(args, argv)
     if results:
-        plot_curves(results, os.path.join(args.media_dir, "curves.png"))
-        total_s = time.perf_counter() - t0
-        text = results_markdown(rows, results, args, argv, total_s)
-        with open(os.path.join(args.media_dir, "results.md"), "w") as f:
-            f.write(text)
-        print(markdown(rows, COLUMNS))
-        print(f"wrote {os.path.join(args.media_dir, 'results.md')}")
-        if args.readme:
-            media = os.path.relpath(args.media_dir, os.path.dirname(os.path.abspath(args.readme)))
-            update_readme(args.readme, results_markdown(rows, results, args, argv, total_s, media + "/"))
+        try:
+            write_media(results, rows, args, argv, time.perf_counter() - t0)
+        except configs.UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
     if len(results) < len(args.exps):
         sys.exit(1)
 

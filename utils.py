@@ -1,11 +1,17 @@
-"""Rays, sampling, volume rendering, metrics, camera paths and video writing."""
+"""Rays, sampling, volume rendering, occupancy grid, metrics, camera paths, video and file I/O."""
+import ctypes
+import json
 import math
 import os
+import sys
 from collections import namedtuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+
+from configs import EXP1, UserError
 
 Rays = namedtuple("Rays", ["origins", "viewdirs"])
 # One rank's rows [lo, lo + rows) of a global batch of `total` rays: random draws are made for the whole batch
@@ -126,8 +132,8 @@ class OccupancyGrid(nn.Module):
     def occupied(self, origins, dirs, t):
         """Which samples origins + t * dirs (rays (R, 3), depths (R, S)) must be sent to the model: bool (R, S).
 
-        Works in padded-cell units from the start, so the points themselves are never materialised: on a
-        whole 100x100 frame of 64 samples per ray this is ~3x faster than computing them, then their cells.
+        Works in padded-cell units from the start, so the points themselves are never materialised (faster than
+        computing them, then their cells: docs/performance.md).
         """
         scale = self.resolution / (2 * self.bound)
         u = torch.addcmul(((origins + self.bound) * scale + 1)[:, None, :], (dirs * scale)[:, None, :], t[..., None])
@@ -137,8 +143,8 @@ class OccupancyGrid(nn.Module):
     def update(self, model, fraction=1.0, decay=0.95, generator=None, chunk=None):
         """Measure the model's density at a jittered point in a random `fraction` of the cells; returns their count.
 
-        On a CPU 4,096 points per model call keep the activations in cache (on 65,536 points 1.5-2x faster than
-        one call); a GPU takes 65,536 per call, as there each call's cost is its ~30 kernel launches (README).
+        On a CPU 4,096 points per model call keep the activations in cache; a GPU takes 65,536 per call, as there
+        a call costs its kernel launches, not its arithmetic (docs/performance.md).
         """
         n = self.resolution ** 3
         dev = self.density.device
@@ -159,7 +165,7 @@ class OccupancyGrid(nn.Module):
 
 def query_points(model, points, dirs):
     """model(points, dirs), called on at least 2 rows: torch.compile specializes batch sizes 0 and 1, and each
-    would recompile the model (exp4's with gradients: 6-11 s apiece on the 2-core CPU)."""
+    would recompile the model (seconds apiece for a compiled BitNeRF with gradients)."""
     n = len(points)
     if n >= 2:
         return model(points, dirs)
@@ -257,8 +263,8 @@ def render_image(model, c2w, H, W, focal, near, far, num_samples, background, ch
     rays = get_rays(c2w, H, W, focal)
     outs = [render_rays(model, Rays(o, d), near, far, num_samples, background, grid=grid, num_fine=num_fine,
                         min_transmittance=min_transmittance)
-            for o, d in zip(rays.origins.split(chunk), rays.viewdirs.split(chunk))]
-    rgb, depth, acc = (torch.cat(x) for x in zip(*outs))
+            for o, d in zip(rays.origins.split(chunk), rays.viewdirs.split(chunk), strict=True)]
+    rgb, depth, acc = (torch.cat(x) for x in zip(*outs, strict=True))
     return rgb.reshape(H, W, 3), depth.reshape(H, W), acc.reshape(H, W)
 
 
@@ -293,11 +299,16 @@ def to_uint8(img):
     return (img.detach().float().clamp(0, 1).cpu().numpy() * 255 + 0.5).astype(np.uint8)
 
 
-def colorize_depth(depth, near, far):
-    """Depth (H, W) -> uint8 RGB with Google's polynomial approximation of the turbo colormap."""
+def depth_image(depth, acc, near, far):
+    """Expected depth (H, W) as uint8 RGB (turbo colormap over [near, far]); rays with opacity <= 0.5 show far.
+
+    Depth is divided by the ray's opacity, so a half-transparent edge shows where its surface is, not nearer.
+    Every depth picture (W&B, eval.py's PNGs, the depth video) is made here.
+    """
+    depth = torch.where(acc > 0.5, depth / acc.clamp_min(1e-6), far)
     x = ((depth.detach().float().cpu().numpy() - near) / (far - near)).clip(0, 1)[..., None]
     powers = np.concatenate([x ** k for k in range(6)], axis=-1)
-    coeffs = np.array([
+    coeffs = np.array([  # Google's polynomial approximation of turbo
         [0.13572138, 4.61539260, -42.66032258, 132.13108234, -152.94239396, 59.28637943],
         [0.09140261, 2.19418839, 4.84296658, -14.18503333, 4.27729857, 2.82956604],
         [0.10667330, 12.64194608, -60.58204836, 110.36276771, -89.90310912, 27.34824973],
@@ -308,8 +319,7 @@ def colorize_depth(depth, near, far):
 def write_gif(frames, path, fps):
     """uint8 frames as a looping GIF with one 256-colour palette, taken from every 8th frame, for all of them.
 
-    imageio's default quantizes each frame to its own palette: 6x the time here (2.1 s of a 120-frame video's
-    rgb and depth GIFs), and the colours flicker from frame to frame.
+    imageio's default quantizes each frame to its own palette: several times slower, and the colours flicker.
     """
     from PIL import Image
 
@@ -318,14 +328,194 @@ def write_gif(frames, path, fps):
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
 
 
+def write_mp4(frames, path, fps):
+    """uint8 frames as an H.264 mp4 (the container named explicitly: the path may be a temp name)."""
+    import imageio_ffmpeg
+
+    height, width = frames[0].shape[:2]
+    writer = imageio_ffmpeg.write_frames(path, (width, height), fps=fps, quality=8, macro_block_size=2,
+                                         output_params=["-f", "mp4"])
+    writer.send(None)
+    for frame in frames:
+        writer.send(np.ascontiguousarray(frame))
+    writer.close()
+
+
 def write_video(frames, path, fps=30):
-    """Write uint8 frames to mp4 or gif (by extension) through a temp file, so a crash leaves no half file."""
+    """Write uint8 frames to mp4 or gif (by extension), atomically."""
+    write = write_gif if path.endswith(".gif") else write_mp4
+    atomic_write(path, lambda tmp: write(frames, tmp, fps))
+
+
+def atomic_write(path, write):
+    """Write path through `path.tmp` beside it: write(tmp), fsync, rename over path; a crash keeps the old file.
+
+    Any failure removes the temp file and keeps the old one; a failed write (disk full, directory gone) is a
+    UserError saying so.
+    """
+    tmp = path + ".tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
+        kept = "the previous one is kept" if os.path.exists(path) else "there is no earlier one"
+        raise UserError(f"could not write {path} ({e.strerror or e}); {kept}; free disk space or pick another "
+                        "--out_dir, then rerun to resume") from None
+
+
+def save_checkpoint(ckpt, path, **save_kwargs):
+    """torch.save a checkpoint (or export) dict atomically."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f, **save_kwargs)
+    atomic_write(path, write)
+
+
+def write_json(obj, path):
+    """JSON, indented, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, write)
+
+
+def write_text(text, path):
+    """A text file, atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def checkpoint_path(arg):
+    """The checkpoint file a command-line argument names: RUN_DIR/ckpt.pt for a run directory, else the file."""
+    path = os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; pass a run directory (holding ckpt.pt) or a .pt file")
+    return path
+
+
+def load_checkpoint(path):
+    """A checkpoint (or BitNeRF export) dict loaded with weights_only=True, or a UserError saying what to do.
+
+    Its config gains the keys added since it was written, with EXP1's values, so that old runs resume and evaluate.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt["config"], ckpt["rest" if "format" in ckpt else "model"]  # noqa: B018 - a dict without these is not ours
+    except Exception as e:  # torch raises many types for a damaged file
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
+                        "delete it to start over, or pick another --out_dir") from None
+    ckpt["config"] = {**EXP1, **ckpt["config"]}
+    return ckpt
+
+
+def load_weights(model, state, path):
+    """Load a checkpoint's weights into model, or a UserError when they do not fit it (an older layout)."""
+    try:
+        model.load_state_dict(state)  # into torchao weights too: their copy_ writes the inner tensor
+    except RuntimeError:
+        raise UserError(f"{path}: its weights do not fit this version's model (written by an older one?); delete "
+                        "it to start over, or pick another --out_dir") from None
+
+
+def keep_freed_memory():
+    """Have glibc reuse freed heap memory for tensors up to 256 MiB instead of mapping fresh pages for each.
+
+    By default each tensor above glibc's mmap threshold is a fresh mapping whose pages fault in one by one as it
+    is first written, which costs real time on small CPU steps (docs/performance.md).
+    """
+    if sys.platform.startswith("linux") and hasattr(libc := ctypes.CDLL(None), "mallopt"):
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of freed memory
+        libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD: allocate below 256 MiB from the heap
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated, or the process's peak resident memory on CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
+
+
+def all_reduce(values, op="sum"):
+    """Sum (or max) a list of floats over all ranks of the process group."""
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def build_grid(cfg, scene, device):
+    """The occupancy grid a config asks for (or None); a cell counts as empty below alpha 0.01 per sample."""
+    if not cfg["OCC_GRID"]:
+        return None
+    step = (scene.far - scene.near) / cfg["NUM_SAMPLES"]
+    return OccupancyGrid(cfg["SCENE_BOUND"], cfg["GRID_RES"], -math.log(1 - 0.01) / step).to(device)
+
+
+def rebuild_grid(model, cfg, scene, device, passes=4):
+    """An occupancy grid measured from a model alone (for an export, which carries no grid): max of passes."""
+    grid = build_grid(cfg, scene, device)
+    if grid is not None:
+        generator = torch.Generator(device=device).manual_seed(cfg["SEED"])
+        for _ in range(passes):
+            grid.update(model, 1.0, decay=1.0, generator=generator)
+    return grid
+
+
+def render_view(model, c2w, views, scene, cfg, grid, amp):
+    """Render the camera c2w at a split's resolution and the config's sampling, under autocast amp."""
+    H, W = views.hw
+    with amp:
+        return render_image(model, c2w, H, W, views.focal, scene.near, scene.far, cfg["NUM_SAMPLES"],
+                            scene.background, cfg["CHUNK"], grid, cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"])
+
+
+def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None, rank=0, world=1):
+    """Mean per-view PSNR and SSIM over the first n_views of a split (all by default), plus view 0's renders.
+
+    Under DDP each rank renders every world-th view and the sums are all-reduced. With save_dir, each
+    render and its depth picture are also written there as PNG.
+    """
     import imageio.v2 as imageio
 
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{ext}"
-    if ext == ".gif":
-        write_gif(frames, tmp, fps)
-    else:
-        imageio.mimwrite(tmp, frames, fps=fps, quality=8, macro_block_size=2)
-    os.replace(tmp, path)
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    model.eval()
+    sums, first = [0.0, 0.0, 0.0], None
+    for k in range(rank, len(views.images) if n_views is None else min(n_views, len(views.images)), world):
+        rgb, depth, acc = render_view(model, views.poses[k], views, scene, cfg, grid, amp)
+        target = views.images[k]
+        sums = [sums[0] + psnr(rgb, target), sums[1] + ssim(rgb, target), sums[2] + 1]
+        first = first or (rgb, target, depth_image(depth, acc, scene.near, scene.far))
+        if save_dir:
+            imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
+            imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth_image(depth, acc, scene.near,
+                                                                                      scene.far))
+    model.train()
+    total_psnr, total_ssim, count = all_reduce(sums) if world > 1 else sums
+    return {"psnr": total_psnr / count, "ssim": total_ssim / count, "views": int(count)}, first
+
+
+def render_videos(model, views, scene, cfg, grid, amp, out_dir):
+    """The 360-degree orbit (rgb and depth) written as mp4 and gif; returns the rgb mp4 path."""
+    radius = views.poses[:, :3, 3].norm(dim=-1).mean().item()
+    rgb_frames, depth_frames = [], []
+    model.eval()
+    for theta in torch.linspace(0.0, 360.0, cfg["VIDEO_FRAMES"] + 1)[:-1].tolist():
+        c2w = pose_spherical(theta, -30.0, radius).to(views.poses.device)
+        rgb, depth, acc = render_view(model, c2w, views, scene, cfg, grid, amp)
+        rgb_frames.append(to_uint8(rgb))
+        depth_frames.append(depth_image(depth, acc, scene.near, scene.far))
+    model.train()
+    for name, frames in (("video", rgb_frames), ("depth", depth_frames)):
+        for ext in ("mp4", "gif"):
+            write_video(frames, os.path.join(out_dir, f"{name}.{ext}"))
+    return os.path.join(out_dir, "video.mp4")

@@ -1,14 +1,52 @@
-"""Shared fixtures: the repo on sys.path, the real data beside the repo, small fast configs."""
+"""Shared fixtures and helpers: the repo on sys.path, the real data beside the repo, small fast configs,
+command-line runs, and trained runs made once per session."""
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker (and its child processes): 2 workers, 2 cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 sys.path.insert(0, ROOT)
 
-from configs import EXP1  # noqa: E402
+from configs import EXP1, EXP4  # noqa: E402
+
+# a seconds-long run at the command line: small MLP, no compile, no wandb, no video, 2 steps
+FAST = ["--data=synthetic", "--compile=false", "--wandb=disabled", "--video_frames=0", "--max_steps=2",
+        "--emb_dim=16", "--num_layers=2", "--eval_every=0"]
+
+
+def run_cli(*args, cwd=ROOT, env=None, timeout=300):
+    """Run a script of the repo (with extra environment variables); returns the completed process."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def one_line_error(res, words):
+    """Assert a command failed as bad input should: exit 2, one 'error: ...' line naming words, no traceback."""
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and words in lines[-1], res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def small(out_dir):
+    """A seconds-long exp1 on the synthetic scene: small MLP, no compile, no wandb, no video."""
+    return {**EXP1, "DATA": "synthetic", "OUT_DIR": str(out_dir), "NUM_LAYERS": 4, "NUM_SAMPLES": 32,
+            "BATCH_SIZE": 512, "MAX_STEPS": 40, "WARMUP_STEPS": 5, "EVAL_EVERY": 0, "CKPT_EVERY": 10, "LOG_EVERY": 10,
+            "VIDEO_FRAMES": 0, "COMPILE": False, "WANDB": "disabled", "CHUNK": 1024}
+
+
+@pytest.fixture
+def small_cfg(tmp_path):
+    """small() in this test's temporary directory."""
+    return small(tmp_path / "run")
 
 
 @pytest.fixture
@@ -20,10 +58,29 @@ def lego_tiny():
     return path
 
 
-@pytest.fixture
-def small_cfg(tmp_path):
-    """A seconds-long exp1 on the synthetic scene: small MLP, no compile, no wandb, no video."""
-    return {**EXP1, "DATA": "synthetic", "OUT_DIR": str(tmp_path / "run"), "NUM_LAYERS": 4,
-            "NUM_SAMPLES": 32, "BATCH_SIZE": 512, "MAX_STEPS": 40, "WARMUP_STEPS": 5, "EVAL_EVERY": 0,
-            "CKPT_EVERY": 10, "LOG_EVERY": 10, "VIDEO_FRAMES": 0, "COMPILE": False, "WANDB": "disabled",
-            "CHUNK": 1024}
+def trained_once(tmp_path_factory, name, cfg_of):
+    """Train cfg_of(out_dir) once per session; returns (a function copying the run into a test's directory, the
+    run's metrics)."""
+    import train
+
+    cfg = cfg_of(tmp_path_factory.mktemp(name) / "run")
+    metrics = train.train(cfg)
+
+    def copy(dest):
+        shutil.copytree(cfg["OUT_DIR"], dest)
+        return {**cfg, "OUT_DIR": str(dest)}
+    return copy, metrics
+
+
+@pytest.fixture(scope="session")
+def nerf_run(tmp_path_factory):
+    """small()'s 40 steps, trained once: (copy(dest) -> its config in dest, metrics)."""
+    return trained_once(tmp_path_factory, "nerf", small)
+
+
+@pytest.fixture(scope="session")
+def bitnerf_run(tmp_path_factory):
+    """A 40-step exp4 on the synthetic scene, with SEED, CHUNK and ERT_TRANSMITTANCE overridden, trained once."""
+    return trained_once(tmp_path_factory, "bitnerf", lambda out: {
+        **small(out), "MODEL": EXP4["MODEL"], "EXPERIMENT": "exp4", "SEED": 3, "CHUNK": 700,
+        "ERT_TRANSMITTANCE": 0.02})

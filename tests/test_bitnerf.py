@@ -7,10 +7,21 @@ import pytest
 import torch
 
 import train
-from bitnerf import (BitNeRF, export_ternary, int8_rows, load_ternary, pack_ternary, plain, quantize_for_training,
-                     scaled_int8_mm, ternarize, ternary_linears, unpack_ternary)
+from bitnerf import (
+    BitNeRF,
+    export_ternary,
+    int8_rows,
+    load_ternary,
+    pack_ternary,
+    plain,
+    quantize_for_training,
+    scaled_int8_mm,
+    ternarize,
+    ternary_linears,
+    unpack_ternary,
+)
 from configs import EXP4
-from test_train import run_cli
+from conftest import run_cli
 
 
 def qat_model(**kwargs):
@@ -95,9 +106,9 @@ def test_exported_model_reproduces_the_qat_model_and_leaves_it_untouched():
         small, size = export_round_trip(model, torch.float16)
         for got in exact(pts), small(pts):
             assert type(got) is type(want)
-        for a, b in zip(exact(pts), want):
+        for a, b in zip(exact(pts), want, strict=True):
             assert torch.equal(a, b)  # ternary weights and fp32 rest: bit-identical
-        for a, b in zip(small(pts), want):
+        for a, b in zip(small(pts), want, strict=True):
             torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)  # the rest stored as fp16
     for k, v in model.state_dict().items():
         assert torch.equal(plain(v), before[k]), k  # export worked on copies
@@ -139,16 +150,23 @@ def test_bitnerf_trains_exports_and_resumes(bit_cfg, tmp_path, monkeypatch):
         assert torch.equal(b["model"][k], v), k
 
 
-def test_eval_evaluates_the_export_file(bit_cfg):
-    metrics = train.train(bit_cfg)
-    out = run_cli("eval.py", os.path.join(bit_cfg["OUT_DIR"], "bitnerf_ternary.pt"), "--data=synthetic")
+def test_eval_evaluates_the_export_file_as_training_did(bitnerf_run, tmp_path):
+    """The run overrode SEED, CHUNK and ERT_TRANSMITTANCE: the export keeps them, so eval.py on it gives the
+    export_psnr of metrics.json (and bitnerf.py exports the same file from the checkpoint)."""
+    copy, metrics = bitnerf_run
+    cfg = copy(tmp_path / "run")
+    path = os.path.join(cfg["OUT_DIR"], "bitnerf_ternary.pt")
+    export = torch.load(path, weights_only=True)
+    assert {k: export["config"][k] for k in ("SEED", "CHUNK", "ERT_TRANSMITTANCE")} == {
+        "SEED": 3, "CHUNK": 700, "ERT_TRANSMITTANCE": 0.02}
+    out = run_cli("eval.py", path, "--data=synthetic")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["exported"] and abs(result["psnr"] - metrics["export_psnr"]) < 1e-3
-    again = os.path.join(bit_cfg["OUT_DIR"], "again.pt")
-    out = run_cli("bitnerf.py", bit_cfg["OUT_DIR"], f"--out={again}")  # export from the checkpoint
+    again = os.path.join(cfg["OUT_DIR"], "again.pt")
+    out = run_cli("bitnerf.py", cfg["OUT_DIR"], f"--out={again}")  # export from the checkpoint
     assert out.returncode == 0, out.stderr
-    a, b = (torch.load(p, weights_only=True) for p in (again, os.path.join(bit_cfg["OUT_DIR"], "bitnerf_ternary.pt")))
+    a, b = (torch.load(p, weights_only=True) for p in (again, path))
     assert torch.equal(a["packed"], b["packed"]) and torch.equal(a["rest"], b["rest"])
 
 
@@ -165,5 +183,5 @@ def test_compiled_qat_model_matches_eager_forward_and_backward():
     # a fused RMSNorm can round a few activations to the neighbouring int8 step: close, not bit-equal
     for a, b in ((rgb, rgb_c), (sigma, sigma_c)):
         assert (a - b).abs().max() < 1e-2 and (a - b).abs().mean() < 1e-4
-    for g, g_c in zip(grads, grads_c):
+    for g, g_c in zip(grads, grads_c, strict=True):
         assert (g - g_c).norm() <= 1e-2 * g.norm() + 1e-6

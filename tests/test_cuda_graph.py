@@ -64,7 +64,7 @@ def test_training_with_the_graph_matches_eager_training(small_cfg):
     graphed = train.train({**cfg, "CUDA_GRAPH": True})
     losses = [[c["loss"] for c in m["curve"]] for m in (eager, graphed)]
     assert len(losses[0]) == len(losses[1]) and losses[1][-1] < 0.8 * losses[1][0]  # it trained
-    assert all(abs(a - b) <= 0.02 * a for a, b in zip(*losses))
+    assert all(abs(a - b) <= 0.02 * a for a, b in zip(*losses, strict=True))
     assert abs(eager["val_psnr"] - graphed["val_psnr"]) < 0.1
 
 

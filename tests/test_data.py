@@ -91,7 +91,7 @@ def write_blender(folder, images, poses, focal, splits=("train", "val")):
     for split in splits:
         os.makedirs(folder / split, exist_ok=True)
         frames = []
-        for k, (img, pose) in enumerate(zip(images, poses)):
+        for k, (img, pose) in enumerate(zip(images, poses, strict=True)):
             alpha = (img.max(-1, keepdims=True) > 0).astype(np.float32)
             imageio.imwrite(folder / split / f"r_{k}.png", (np.concatenate([img, alpha], -1) * 255).astype(np.uint8))
             frames.append({"file_path": f"./{split}/r_{k}", "transform_matrix": pose.tolist()})
@@ -143,3 +143,16 @@ def test_shared_lego_tiny_matches_the_nerf_synthetic_folder(lego_tiny):
     assert torch.allclose(tiny.splits["all"].poses[:80], big.splits["train"].poses, atol=1e-5)
     assert big.splits["train"].focal == pytest.approx(tiny.splits["all"].focal, rel=1e-3)
     assert (tiny.splits["all"].images[:80] - big.splits["train"].images).abs().mean() < 0.02
+
+
+def test_rgba_npz_is_composited_over_its_black_background(tmp_path, synth):
+    images, poses, focal = synth
+    alpha = np.linspace(0, 1, images.shape[2], dtype=np.float32)[None, None, :, None].repeat(16, 1).repeat(6, 0)
+    scene = load_scene(write_npz(tmp_path / "rgba.npz", images=np.concatenate([images, alpha], -1), poses=poses,
+                                 focal=focal))
+    got = scene.splits["all"].images
+    assert got.shape == (6, 16, 16, 3)
+    torch.testing.assert_close(got, torch.from_numpy(images * alpha))  # alpha 0 is black, not the RGB beneath
+    uint8 = load_scene(write_npz(tmp_path / "u8.npz", images=(np.concatenate([images, alpha], -1) * 255).round()
+                                 .astype(np.uint8), poses=poses, focal=focal)).splits["all"].images
+    assert (uint8 - got).abs().max() < 2 / 255

@@ -32,7 +32,7 @@ def test_the_skip_layer_matches_a_linear_on_the_concatenation_in_fp32_and_bf16()
     out = model.skip_layer(layer, h, x)
     grads = torch.autograd.grad(out.square().sum(), (h, layer.weight, layer.bias))
     torch.testing.assert_close(out, ref)
-    for g, g_ref in zip(grads, grads_ref):
+    for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref)
     with train.autocast_context(EXP2, torch.device("cpu")):
         out_bf16 = model.skip_layer(layer, h, x)
@@ -50,8 +50,9 @@ def test_the_model_keeps_the_batch_shape_of_its_points():
 
 
 def test_bench_counts_the_matmul_flops_a_training_step_does_less_the_padding():
-    import bench
     from torch.utils.flop_counter import FlopCounterMode
+
+    import bench
 
     model, pts = NeRF(num_layers=8), torch.rand(256, 3)
     with FlopCounterMode(display=False) as counter:
@@ -71,15 +72,16 @@ def test_bench_quality_mode_prints_psnr_at_its_marks_and_the_runs_fraction_of_th
 
     import bench
 
-    out = subprocess.run([sys.executable, bench.__file__, "--quality", "--exps=exp1", "--budget_s=8", "--data=synthetic",
-                          "--eval_every=10", "--num_layers=2", "--emb_dim=32", "--batch_size=256"],
+    out = subprocess.run([sys.executable, bench.__file__, "--quality", "--exps=exp1", "--budget_s=8",
+                          "--data=synthetic", "--eval_every=10", "--num_layers=2", "--emb_dim=32", "--batch_size=256"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads([ln for ln in out.stderr.splitlines() if ln.startswith("{")][-1])
     assert all(row[f"psnr@{t}s"] > 5.0 for t in (2, 4, 8)) and row["steps"] > 10
     assert 0.0 < row["% of samples trained"] <= 100.0
     assert row["mlp_gflops"] > 0
-    assert 0.0 < row["% of mm peak"] == pytest.approx(100 * row["mlp_gflops"] / row["mm_peak_gflops"], rel=0.02, abs=0.1)
+    share = 100 * row["mlp_gflops"] / row["mm_peak_gflops"]
+    assert 0.0 < row["% of mm peak"] == pytest.approx(share, rel=0.02, abs=0.1)
     assert "| % of mm peak |" in out.stdout
 
 
@@ -131,7 +133,7 @@ def test_compiled_model_matches_eager():
     torch.manual_seed(0)
     model, pts = NeRF(num_layers=4), torch.rand(512, 3) * 2 - 1
     compiled = torch.compile(model)
-    for (a, b) in zip(model(pts), compiled(pts)):
+    for (a, b) in zip(model(pts), compiled(pts), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
 
 
@@ -159,14 +161,14 @@ def test_fused_adamw_takes_the_same_step_as_the_plain_one():
     models = [NeRF(num_layers=2) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     pts = torch.rand(64, 3)
-    for model, fused in zip(models, (False, True)):
+    for model, fused in zip(models, (False, True), strict=True):
         opt = train.build_optimizer({**cfg, "FUSED_OPTIM": fused}, model, torch.device("cpu"))
         assert opt.defaults["fused"] is (True if fused else None)
         for _ in range(3):
             opt.zero_grad()
             sum(o.sum() for o in model(pts)).backward()
             opt.step()
-    for a, b in zip(models[0].parameters(), models[1].parameters()):
+    for a, b in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 

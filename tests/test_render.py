@@ -4,8 +4,16 @@ import math
 import torch
 
 from nerf import NeRF
-from utils import (OccupancyGrid, Rays, get_rays, pose_spherical, render_image, render_rays, sample_along_rays,
-                   volume_render)
+from utils import (
+    OccupancyGrid,
+    Rays,
+    get_rays,
+    pose_spherical,
+    render_image,
+    render_rays,
+    sample_along_rays,
+    volume_render,
+)
 
 
 def test_rays_hit_the_pixels_known_points_project_to():
@@ -71,7 +79,7 @@ def test_render_image_does_not_depend_on_chunk_size():
     c2w = pose_spherical(10.0, -30.0, 4.0)
     a = render_image(model, c2w, 9, 11, 12.0, 2.0, 6.0, 16, torch.zeros(3), chunk=7)
     b = render_image(model, c2w, 9, 11, 12.0, 2.0, 6.0, 16, torch.zeros(3), chunk=1000)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.allclose(x, y, atol=1e-6)
     assert a[0].shape == (9, 11, 3) and a[1].shape == (9, 11)
 
@@ -283,3 +291,16 @@ def test_gif_keeps_every_frame_in_order_and_its_colours(tmp_path):
     assert back.shape == (20, 12, 40, 3)
     err = np.abs(back[:, None] - np.stack(frames)[None].astype(int)).mean(axis=(2, 3, 4))  # read k vs written j
     assert err.diagonal().max() < 3 and (err.argmin(axis=1) == np.arange(20)).all()
+
+
+def test_depth_pictures_show_the_surface_depth_and_the_background_as_far():
+    from utils import depth_image
+
+    depth, acc = torch.tensor([[1.5, 2.0, 4.0]]), torch.tensor([[0.5, 0.5, 1.0]])  # rays: half-hit, hazy, solid
+    img = depth_image(depth, acc, near=2.0, far=6.0)
+    assert img.shape == (1, 3, 3) and img.dtype.name == "uint8"
+    far = depth_image(torch.tensor([[6.0]]), torch.ones(1, 1), 2.0, 6.0)[0, 0]
+    assert (img[0, 0] == far).all() and (img[0, 1] == far).all()  # opacity <= 0.5: background
+    assert (img[0, 2] == depth_image(torch.tensor([[4.0]]), torch.ones(1, 1), 2.0, 6.0)[0, 0]).all()
+    # depth is divided by opacity: a ray 0.6 opaque whose expected depth is 0.6 * 4 shows depth 4
+    assert (depth_image(torch.tensor([[2.4]]), torch.tensor([[0.6]]), 2.0, 6.0) == img[0, 2]).all()

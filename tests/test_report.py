@@ -1,32 +1,37 @@
 """report.py: one command runs every experiment and writes a results table, curves and GIFs."""
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import report
-from conftest import ROOT
-from configs import UserError
-from test_train import run_cli
+from configs import PRESETS, UserError
+from conftest import ROOT, run_cli
 
 
 def table_rows(markdown):
     """The rows of the results table in results.md, as dicts keyed by column."""
     lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[2:]]
 
 
 def test_quick_report_runs_every_experiment_and_writes_a_table_that_parses(tmp_path):
-    readme_before = open(os.path.join(ROOT, "README.md")).read()
-    out = run_cli("report.py", "--quick", f"--out_dir={tmp_path}", "--wandb=disabled", timeout=600)
+    readme = Path(ROOT) / "README.md"
+    readme_before = readme.read_text()
+    out = run_cli("report.py", "--quick", "--budget_s=3", f"--out_dir={tmp_path}", "--wandb=disabled", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = table_rows(open(tmp_path / "results.md").read())
+    rows = table_rows((tmp_path / "results.md").read_text())
     assert [r["experiment"] for r in rows] == list(report.EXPERIMENTS)
     for r in rows:
-        assert int(r["steps"]) > 0 and float(r["train s"]) >= report.QUICK["budget_s"] - 1
+        assert int(r["steps"]) > 0 and float(r["train s"]) >= 3 - 1
         assert float(r["samples/s"].replace(",", "")) > 0 and int(r["peak mem MB"]) > 0
         assert 5.0 < float(r["val PSNR"].split()[0]) < 60.0 and -1.0 <= float(r["val SSIM"]) <= 1.0
-        assert int(r["processes"]) == (2 if r["experiment"] in report.DDP_EXPS else 1)
+        assert int(r["processes"]) == (2 if PRESETS[r["experiment"]]["LAUNCH"] == "torchrun" else 1)
         assert r["checkpoint"].endswith("MB")
         if r["experiment"] in ("exp4", "exp6"):  # BitNeRF: exported ternary file, evaluated as exported
             assert r["export"].endswith("kB") and float(r["val PSNR"].split("export ")[1].rstrip(")")) > 5.0
@@ -35,7 +40,7 @@ def test_quick_report_runs_every_experiment_and_writes_a_table_that_parses(tmp_p
         assert (tmp_path / f"{r['experiment']}_rgb.gif").stat().st_size > 0
         assert (tmp_path / f"{r['experiment']}_depth.gif").stat().st_size > 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert open(os.path.join(ROOT, "README.md")).read() == readme_before  # --quick never rewrites the README
+    assert readme.read_text() == readme_before  # --quick never rewrites the README
 
 
 def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):
@@ -45,7 +50,7 @@ def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):
     assert nproc("exp5") == nproc("exp6") == ["--nproc_per_node=2"] and nproc("exp1") == []
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     for gpus, procs in ((1, 1), (2, 2), (8, 2)):  # nccl: a GPU per rank
-        monkeypatch.setattr("torch.cuda.device_count", lambda: gpus)
+        monkeypatch.setattr("torch.cuda.device_count", lambda gpus=gpus: gpus)
         assert nproc("exp6") == [f"--nproc_per_node={procs}"]
 
 
@@ -76,8 +81,26 @@ def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
 
 def test_report_groups_its_wandb_runs_under_its_name_offline(tmp_path):
     out_dir = tmp_path / "report-test-group"
-    out = run_cli("report.py", "--quick", "--only=exp1", f"--out_dir={out_dir}", "--wandb=offline", timeout=300)
+    out = run_cli("report.py", "--quick", "--budget_s=2", "--only=exp1", f"--out_dir={out_dir}", "--wandb=offline",
+                  timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     runs = list((out_dir / "exp1" / "wandb").glob("offline-run-*/run-*.wandb"))
     # the group is a length-prefixed protobuf string field of the run record (the path in the config is not)
     assert len(runs) == 1 and bytes([len(out_dir.name)]) + out_dir.name.encode() in runs[0].read_bytes()
+
+
+def test_ctrl_c_stops_the_report_in_one_line_with_the_run_checkpointed_and_nothing_in_media(tmp_path):
+    out_dir, media = tmp_path / "runs", tmp_path / "media"
+    proc = subprocess.Popen([sys.executable, "report.py", "--quick", "--budget_s=60", "--only=exp1,exp3",
+                             f"--out_dir={out_dir}", f"--media_dir={media}", "--wandb=disabled"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpt, deadline = out_dir / "exp1" / "ckpt.pt", time.time() + 120
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.2)  # exp1 is training: its first periodic checkpoint is written
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped: Ctrl-C during exp1;"), err
+    assert "stopped: SIGINT at step" in (out_dir / "exp1" / "log.txt").read_text()  # it checkpointed where it was
+    assert not (out_dir / "exp3").exists()
+    assert os.listdir(media) == []  # no GIF, curves or results.md of a half-done report

@@ -3,19 +3,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from conftest import ROOT
 from configs import UserError
-
-
-def run_cli(*args, cwd=ROOT, env=None, timeout=300):
-    """Run a script of the repo (with extra environment variables); returns the completed process."""
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+from conftest import FAST, ROOT, one_line_error, run_cli
 
 
 def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
@@ -26,7 +21,8 @@ def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
     out = cfg["OUT_DIR"]
     for name in ("ckpt.pt", "config.json", "metrics.json", "video.mp4", "video.gif", "depth.mp4", "depth.gif"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
-    assert json.load(open(os.path.join(out, "config.json"))) == cfg
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f) == cfg
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 300 and set(ckpt) >= {"model", "optimizer", "generator", "config"}
 
@@ -52,7 +48,8 @@ def test_resume_after_interruption_gives_the_same_parameters(small_cfg, tmp_path
     assert resumed["step"] == expected["step"] == 40
     for k, v in expected["model"].items():
         assert torch.equal(resumed["model"][k], v), k
-    assert metrics["val_psnr"] == json.load(open(os.path.join(straight["OUT_DIR"], "metrics.json")))["val_psnr"]
+    with open(os.path.join(straight["OUT_DIR"], "metrics.json")) as f:
+        assert metrics["val_psnr"] == json.load(f)["val_psnr"]
 
 
 def test_the_cuda_graph_is_used_only_on_cuda_without_torchrun_or_float16():
@@ -107,7 +104,8 @@ def test_sigterm_at_the_command_line_checkpoints_and_exits_143(tmp_path):
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "exp1.py", *FAST, "--max_steps=100000", "--ckpt_every=5",
-                             f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             f"--out_dir={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
@@ -147,18 +145,18 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(small_cfg, tmp
 def test_disk_full_during_training_is_a_clear_error_and_keeps_the_last_checkpoint(small_cfg):
     train.train({**small_cfg, "MAX_STEPS": 10})
     path = os.path.join(small_cfg["OUT_DIR"], "ckpt.pt")
-    before = open(path, "rb").read()
+    before = Path(path).read_bytes()
     os.symlink("/dev/full", path + ".tmp")  # the next checkpoint write hits a full disk (ENOSPC)
     with pytest.raises(UserError, match=r"could not write .*ckpt.pt \(No space left on device\); the previous one"):
         train.train({**small_cfg, "MAX_STEPS": 30})
-    assert open(path, "rb").read() == before and not os.path.lexists(path + ".tmp")
+    assert Path(path).read_bytes() == before and not os.path.lexists(path + ".tmp")
     assert torch.load(path, weights_only=True)["step"] == 10
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(small_cfg, monkeypatch):
     train.train({**small_cfg, "MAX_STEPS": 10})
     path = os.path.join(small_cfg["OUT_DIR"], "ckpt.pt")
-    before = open(path, "rb").read()
+    before = Path(path).read_bytes()
     real, calls = train.render_rays, []
 
     def nan_from_the_second_call(*args, **kwargs):
@@ -169,7 +167,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(small_cfg, monkeypa
     monkeypatch.setattr(train, "render_rays", nan_from_the_second_call)  # resumed at 10: step 12 goes bad
     with pytest.raises(UserError, match="non-finite loss or gradient at step 12"):
         train.train({**small_cfg, "MAX_STEPS": 30})
-    assert open(path, "rb").read() == before
+    assert Path(path).read_bytes() == before
 
 
 def test_non_finite_steps_can_be_skipped_instead(small_cfg, monkeypatch):
@@ -187,9 +185,10 @@ def test_non_finite_steps_can_be_skipped_instead(small_cfg, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_eval_prints_one_json_line(small_cfg):
-    metrics = train.train(small_cfg)
-    res = run_cli("eval.py", small_cfg["OUT_DIR"], "--data=synthetic")
+def test_eval_prints_one_json_line(nerf_run, tmp_path):
+    copy, metrics = nerf_run
+    cfg = copy(tmp_path / "run")
+    res = run_cli("eval.py", cfg["OUT_DIR"])  # without --data: the run's own data, its validation split
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["views"] == 4 and out["split"] == "val"
@@ -197,23 +196,32 @@ def test_eval_prints_one_json_line(small_cfg):
     assert len(res.stdout.strip().splitlines()) == 1
 
 
-def test_eval_saves_renders_of_every_view(small_cfg, tmp_path):
-    train.train({**small_cfg, "MAX_STEPS": 5})
-    res = run_cli("eval.py", os.path.join(small_cfg["OUT_DIR"], "ckpt.pt"), "--data=synthetic", "--split=all",
+def test_eval_saves_renders_of_every_view(nerf_run, tmp_path):
+    import imageio.v2 as imageio
+
+    cfg = nerf_run[0](tmp_path / "run")
+    res = run_cli("eval.py", os.path.join(cfg["OUT_DIR"], "ckpt.pt"), "--data=synthetic", "--split=all",
                   f"--out={tmp_path / 'renders'}")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["views"] == 40 and len(os.listdir(tmp_path / "renders")) == 80
+    assert imageio.imread(tmp_path / "renders" / "000_depth.png").shape == (48, 48, 3)
 
 
-def one_line_error(res, words):
-    assert res.returncode == 2, (res.returncode, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: ") and words in lines[-1], res.stderr
-    assert "Traceback" not in res.stderr
+def test_eval_of_an_npz_run_scores_its_validation_views_unless_the_npz_is_passed(tmp_path):
+    """Without --data, a run trained on a .npz is scored on its held-out views only, never on its training views."""
+    import numpy as np
 
+    from dataset import synthetic_scene
 
-FAST = ["--data=synthetic", "--compile=false", "--wandb=disabled", "--video_frames=0", "--max_steps=2",
-        "--emb_dim=16", "--num_layers=2", "--eval_every=0"]
+    images, poses, focal = synthetic_scene(n_views=10, size=16)
+    npz = str(tmp_path / "scene.npz")
+    np.savez(npz, images=images, poses=poses, focal=focal)
+    res = run_cli("exp1.py", *FAST, f"--data={npz}", f"--out_dir={tmp_path / 'run'}")
+    assert res.returncode == 0, res.stderr
+    own = json.loads(run_cli("eval.py", str(tmp_path / "run")).stdout)
+    assert (own["split"], own["views"]) == ("val", 1)  # 10 views: 9 train, 1 validates
+    passed = json.loads(run_cli("eval.py", str(tmp_path / "run"), f"--data={npz}").stdout)
+    assert (passed["split"], passed["views"]) == ("all", 10)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
@@ -289,7 +297,7 @@ def test_sigkill_at_a_random_moment_then_rerun_ends_like_an_uninterrupted_run(tm
     import signal
     import time
 
-    args = [*FAST, "--emb_dim=32", "--num_layers=4", "--max_steps=150", "--ckpt_every=20", "--batch_size=256"]
+    args = [*FAST, "--emb_dim=32", "--num_layers=4", "--max_steps=80", "--ckpt_every=20", "--batch_size=256"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert run_cli("exp1.py", *args, f"--out_dir={straight}").returncode == 0
     proc = subprocess.Popen([sys.executable, "exp1.py", *args, f"--out_dir={killed}"], cwd=ROOT,
@@ -300,12 +308,12 @@ def test_sigkill_at_a_random_moment_then_rerun_ends_like_an_uninterrupted_run(tm
     time.sleep(random.uniform(0, 0.5))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(killed / "ckpt.pt", weights_only=True)["step"] < 150  # it really was cut short
+    assert torch.load(killed / "ckpt.pt", weights_only=True)["step"] < 80  # it really was cut short
     res = run_cli("exp1.py", *args, f"--out_dir={killed}")
     assert res.returncode == 0, res.stderr
     a = torch.load(straight / "ckpt.pt", weights_only=True)
     b = torch.load(killed / "ckpt.pt", weights_only=True)
-    assert a["step"] == b["step"] == 150
+    assert a["step"] == b["step"] == 80
     for k, v in a["model"].items():
         assert torch.equal(b["model"][k], v), k
 
@@ -313,9 +321,9 @@ def test_sigkill_at_a_random_moment_then_rerun_ends_like_an_uninterrupted_run(tm
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_tensor_memory_is_reused_without_page_faults():
     """After keep_freed_memory a freed 64 MiB tensor's pages back the next one; by default they fault in anew."""
-    code = """import resource, sys, torch, train
+    code = """import resource, sys, torch, utils
 if sys.argv[1] == "keep":
-    train.keep_freed_memory()
+    utils.keep_freed_memory()
 torch.ones(16 << 20)  # 64 MiB, freed at once
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.ones(8 << 20)  # 32 MiB: 8,192 pages
@@ -323,3 +331,84 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)"""
     faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], cwd=ROOT, capture_output=True, text=True,
                                        check=True).stdout) for mode in ("keep", "default")}
     assert faults["default"] > 8000 and faults["keep"] < 800, faults
+
+
+def test_the_logged_training_loss_is_the_photometric_mse_and_the_regulariser_is_logged_apart(small_cfg, monkeypatch):
+    import torch.nn.functional as F
+
+    real_render, real_batch, renders, targets = train.render_rays, train.sample_batch, [], []
+
+    def recording_render(*args, **kwargs):
+        out = real_render(*args, **kwargs)
+        renders.append((out[0].detach(), out[2].detach()))
+        return out
+
+    def recording_batch(*args, **kwargs):
+        rays, target = real_batch(*args, **kwargs)
+        targets.append(target)
+        return rays, target
+
+    monkeypatch.setattr(train, "render_rays", recording_render)
+    monkeypatch.setattr(train, "sample_batch", recording_batch)
+    cfg = {**small_cfg, "OPACITY_REG": 0.5, "MAX_STEPS": 10, "LOG_EVERY": 5}  # strong: mixing it in would show
+    metrics = train.train(cfg)
+    for point in metrics["curve"]:
+        (rgb, acc), target = renders[point["step"] - 1], targets[point["step"] - 1]
+        assert point["loss"] == pytest.approx(F.mse_loss(rgb, target).item(), rel=1e-6)
+        assert point["opacity_reg"] == pytest.approx(0.5 * (acc * (1 - acc)).mean().item(), rel=1e-5)
+    assert metrics["curve"][0]["opacity_reg"] > 0.1 * metrics["curve"][0]["loss"]  # at step 5, before it wins
+
+
+def test_a_checkpoint_written_before_a_key_existed_resumes_with_its_default(small_cfg):
+    train.train({**small_cfg, "MAX_STEPS": 10})
+    path = os.path.join(small_cfg["OUT_DIR"], "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("DENSITY_ACT", "LAUNCH", "ERT_TRANSMITTANCE"):  # as an older version wrote it
+        del ckpt["config"][key]
+    torch.save(ckpt, path)
+    assert train.train({**small_cfg, "MAX_STEPS": 20})["steps"] == 20
+
+
+def test_data_auto_falls_back_to_the_synthetic_scene_offline_and_names_it(small_cfg, tmp_path, monkeypatch, capsys):
+    import dataset
+
+    monkeypatch.setenv("NERF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(dataset, "TINY_NERF_URL", "http://127.0.0.1:9/tiny_nerf_data.npz")  # refused at once
+    metrics = train.train({**small_cfg, "DATA": "auto", "MAX_STEPS": 5})
+    err = capsys.readouterr().err
+    assert err.count("notice: no tiny_nerf_data.npz") == 1 and "SYNTHETIC scene" in err
+    assert "views of synthetic after 5 steps" in err.strip().splitlines()[-1]
+    with open(os.path.join(small_cfg["OUT_DIR"], "config.json")) as f:
+        assert json.load(f)["DATA"] == "synthetic"
+    assert metrics["data"] == "synthetic"
+    with open(os.path.join(small_cfg["OUT_DIR"], "metrics.json")) as f:
+        assert json.load(f)["data"] == "synthetic"
+
+
+def test_data_auto_takes_the_tiny_nerf_data_when_it_can_be_had(tmp_path, monkeypatch):
+    import numpy as np
+
+    import dataset
+
+    images, poses, focal = dataset.synthetic_scene(n_views=6, size=16)
+    np.savez(tmp_path / "src.npz", images=images, poses=poses, focal=focal)
+    monkeypatch.setenv("NERF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(dataset, "TINY_NERF_URL", f"file://{tmp_path / 'src.npz'}")
+    assert dataset.resolve_data("auto") == "tiny_nerf" and dataset.resolve_data("auto") == "tiny_nerf"  # cached
+    assert os.listdir(tmp_path / "cache") == ["tiny_nerf_data.npz"]
+    assert dataset.resolve_data("synthetic") == "synthetic"
+
+
+def test_grid_updates_run_in_float32_under_bf16_autocast(small_cfg, monkeypatch):
+    """The grid measures density outside autocast (train.Trainer.update_grid says why)."""
+    import utils
+
+    real, seen = utils.OccupancyGrid.update, []
+
+    def recording_update(self, model, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(utils.OccupancyGrid, "update", recording_update)
+    train.train({**small_cfg, "DTYPE": "bfloat16", "MAX_STEPS": 17})
+    assert seen == [False]

@@ -93,7 +93,8 @@ def test_ctrl_c_stops_the_report_in_one_line_with_the_run_checkpointed_and_nothi
     out_dir, media = tmp_path / "runs", tmp_path / "media"
     proc = subprocess.Popen([sys.executable, "report.py", "--quick", "--budget_s=60", "--only=exp1,exp3",
                              f"--out_dir={out_dir}", f"--media_dir={media}", "--wandb=disabled"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
     ckpt, deadline = out_dir / "exp1" / "ckpt.pt", time.time() + 120
     while not ckpt.exists() and time.time() < deadline:
         time.sleep(0.2)  # exp1 is training: its first periodic checkpoint is written

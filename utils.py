@@ -379,10 +379,7 @@ def save_checkpoint(ckpt, path, **save_kwargs):
 
 def write_json(obj, path):
     """JSON, indented, atomically."""
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    atomic_write(path, write)
+    write_text(json.dumps(obj, indent=2), path)
 
 
 def write_text(text, path):

@@ -7,12 +7,13 @@ samples/s (and the ternary export's, for BitNeRF); and real training throughput 
 peak memory over --steps steps of the training loop on lego_tiny.
     python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
 Any other --key=value is a config override applied to every experiment (e.g. --batch_size=8192 --dtype=bfloat16).
-Time to quality (--quality): train each experiment for --budget_s seconds and print the held-out PSNR
-of the last validation before 2.5 / 5 / 10 minutes (or 1/4, 1/2, 1 of the budget), the share of the ray samples
-that reached the MLP's gradient pass (the rest the grid culled or, with SKIP_ZERO_DENSITY, had zero density),
-and the MLP FLOPs of the whole run (gradient passes, no-grad passes and grid updates) per second of training
-against the same dtype's torch.mm peak (the higher of one timed before and one after training).
-    python bench.py --quality [--budget_s=600] [--exps=exp1]
+Time to quality (--quality): train each experiment for --budget_s seconds (default 10 min on a CPU, 15 on a
+GPU) and print the PSNR on all validation views when training time passes 2.5 / 5 / 10 minutes (CPU) or
+15 s / 1 / 5 / 15 minutes (GPU), the share of the ray samples that reached the MLP's gradient pass (the rest the
+grid culled or, with SKIP_ZERO_DENSITY, had zero density), and the MLP FLOPs of the whole run (gradient passes,
+no-grad passes and grid updates) per second of training against the same dtype's torch.mm peak (the higher of
+one timed before and one after training).
+    python bench.py --quality [--budget_s=600] [--exps=exp1] [--data=.../nerf_synthetic/lego --downscale=4]
 Each experiment runs in its own process so that its peak memory is its own.
 """
 import argparse
@@ -30,6 +31,7 @@ import configs
 # about the points a trained exp1 step sends to the MLP once the occupancy grid has culled (docs/performance.md);
 # rendering's model calls (one per block of 8 samples on 4,096 rays, after the grid) are of that size or smaller
 CULLED_POINTS = 4096
+QUALITY_MARKS_S = {"cpu": (150, 300, 600), "cuda": (15, 60, 300, 900)}  # where time-to-quality reads the PSNR
 SHARED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lego_tiny.npz")
 
 
@@ -184,20 +186,23 @@ def run_child(args, overrides):
     row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"], "batch": cfg["BATCH_SIZE"],
            "samples_per_ray": cfg["NUM_SAMPLES"] + cfg["NUM_FINE"], "device": str(device)}
     if args.quality:
-        cfg.update(TIME_BUDGET_S=float(args.budget_s), MAX_STEPS=10 ** 9, EVAL_EVERY=args.eval_every, EVAL_VIEWS=100)
+        marks = quality_marks(device, args.budget_s)
+        cfg.update(TIME_BUDGET_S=float(args.budget_s), MAX_STEPS=10 ** 9, EVAL_EVERY=0,
+                   EVAL_AT_S=",".join(map(str, marks)))
         dtype = torch.float32 if cfg["DTYPE"] == "float32" else torch.bfloat16
         peak = mm_peak_gflops(dtype, device)
         counts = count_mlp_points()
         metrics = train.train(cfg)
         peak = max(peak, mm_peak_gflops(dtype, device))  # the higher of the peaks before and after: a fair reference
-        for frac in (0.25, 0.5, 1.0):
-            seen = [h for h in metrics["history"] if h["train_seconds"] <= frac * args.budget_s + 1]
-            row[f"psnr@{frac * args.budget_s:.0f}s"] = round(seen[-1]["psnr"], 2) if seen else None
+        for mark in marks:
+            seen = [h["psnr"] for h in metrics["history"] if mark in h.get("at_s", [])]
+            row[f"psnr@{mark:g}s"] = round(seen[0], 2) if seen else None
         model = train.build_model(cfg, device)
         mlp = (counts["grad"] * mlp_flops_per_point(model) + counts["no_grad"] * mlp_flops_per_point(model, False)) \
             / metrics["train_seconds"] / 1e9
         samples = metrics["steps"] * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
-        row.update(steps=metrics["steps"], ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"],
+        row.update(resolution=metrics["resolution"], background=metrics["background"], steps=metrics["steps"],
+                   ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"],
                    **{"% of samples trained": round(100 * counts["grad"] / samples, 1), "mlp_gflops": round(mlp, 1),
                       "mm_peak_gflops": round(peak), "% of mm peak": round(100 * mlp / peak, 1)})
     else:
@@ -221,6 +226,11 @@ def run_child(args, overrides):
     print("BENCH " + json.dumps(row), flush=True)
 
 
+def quality_marks(device, budget_s):
+    """The training times (s) time-to-quality reads PSNR at on this device, within the budget (which ends one)."""
+    return [m for m in QUALITY_MARKS_S[device.type] if m < budget_s] + [budget_s]
+
+
 def markdown(rows, cols):
     """A markdown table of the given columns."""
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -237,8 +247,8 @@ def main():
     p.add_argument("--compile", default="both", choices=("both", "on", "off", "preset"),
                    help="both: each experiment eager and compiled (speed mode; quality mode takes the preset's)")
     p.add_argument("--quality", action="store_true", help="time-to-quality mode")
-    p.add_argument("--budget_s", type=float, default=600.0)
-    p.add_argument("--eval_every", type=int, default=500, help="validation interval in quality mode (steps)")
+    p.add_argument("--budget_s", type=float, default=None, help="quality mode: seconds of training (default 600 on "
+                   "a CPU, 900 on a GPU)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
     if args.child:
@@ -251,6 +261,7 @@ def main():
         except configs.ConfigError as e:
             p.error(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.budget_s = args.budget_s or QUALITY_MARKS_S[device.type][-1]
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})")
     print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, data {os.path.basename(args.data)}")
@@ -265,7 +276,7 @@ def main():
     for exp in args.exps.split(","):
         for comp in compiles:
             cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={args.data}",
-                   f"--steps={args.steps}", f"--budget_s={args.budget_s}", f"--eval_every={args.eval_every}",
+                   f"--steps={args.steps}", f"--budget_s={args.budget_s}",
                    *overrides]
             out = subprocess.run(cmd + (["--quality"] if args.quality else []), capture_output=True, text=True)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
@@ -276,8 +287,9 @@ def main():
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     if args.quality:
-        marks = [f"psnr@{f * args.budget_s:.0f}s" for f in (0.25, 0.5, 1.0)]
-        print(markdown(rows, ["exp", "dtype", "batch", "samples_per_ray", *marks, "ssim", "steps", "samples_per_s",
+        marks = [f"psnr@{m:g}s" for m in quality_marks(device, args.budget_s)]
+        print(markdown(rows, ["exp", "resolution", "background", "dtype", "batch", "samples_per_ray", *marks, "ssim",
+                              "steps", "samples_per_s",
                               "% of samples trained", "mlp_gflops", "mm_peak_gflops", "% of mm peak"]))
     else:
         print(markdown(rows, ["exp", "dtype", "compile", "batch", "samples_per_ray", "rays_per_s", "samples_per_s",

@@ -17,7 +17,7 @@ from utils import save_checkpoint
 
 EXPORT_FORMAT = "bitnerf-ternary-v1"
 # the config keys an export keeps: what eval.py needs to render and score it as training did
-EXPORT_KEYS = ("DATA", "DOWNSCALE", "WHITE_BKGD", "NUM_SAMPLES", "NUM_FINE", "OCC_GRID", "SCENE_BOUND", "GRID_RES",
+EXPORT_KEYS = ("DATA", "DOWNSCALE", "BACKGROUND", "NUM_SAMPLES", "NUM_FINE", "OCC_GRID", "SCENE_BOUND", "GRID_RES",
                "SEED", "CHUNK", "ERT_TRANSMITTANCE", "DTYPE")
 
 

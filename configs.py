@@ -11,10 +11,11 @@ class ConfigError(UserError):
 
 EXP1 = {
     "EXPERIMENT": "exp1",        # name of the run (wandb run name, checkpoint tag)
+    "RECIPE": "none",            # 'none' (the preset: 100 px views on a CPU) or a RECIPES name, applied over the preset
     # data
     "DATA": "auto",              # 'auto' (tiny_nerf if reachable, else synthetic), 'tiny_nerf', 'synthetic', .npz, dir
-    "DOWNSCALE": 1,              # nerf_synthetic only: integer image downscale (800 px / 8 = 100 px)
-    "WHITE_BKGD": False,         # nerf_synthetic only: composite RGBA over white instead of black
+    "DOWNSCALE": 1,              # nerf_synthetic folder: integer image downscale (800 px: 1, 2, 4, 8 = 800 ... 100 px)
+    "BACKGROUND": "white",       # nerf_synthetic folder: RGBA composited over 'white' (the field's protocol) or 'black'
     "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume
     # model (nerf.py, bitnerf.py)
     "MODEL": "nerf",             # 'nerf' (fp32 weights) or 'bitnerf' (RMSNorm + BitNet b1.58 ternary QAT and export)
@@ -56,9 +57,12 @@ EXP1 = {
     # evaluation and outputs
     "EVAL_EVERY": 250,           # validate every this many steps (0 = only at the end)
     "EVAL_VIEWS": 2,             # validation views rendered at each periodic validation (all of them at the end)
+    "EVAL_AT_S": "",             # also validate on all views once training time passes each of these seconds: 150,300
     "CKPT_EVERY": 250,           # write ckpt.pt every this many steps (and always at the end)
     "LOG_EVERY": 25,             # log training loss, PSNR, grad-norm and LR every this many steps
     "VIDEO_FRAMES": 120,         # frames of the 360-degree video at the end (0 = no video)
+    "VIDEO_EVERY": 0,            # also render the video every this many steps, as video_stepN.mp4 (0 = only at the end)
+    "VIDEO_DOWNSCALE": 1,        # the video's resolution: the views' divided by this (full-size orbits are slow on CPU)
     "WANDB": "auto",             # 'auto' (online with an API key, else offline), 'online', 'offline', 'disabled'
     "WANDB_PROJECT": "nerf-experiments",  # wandb project name
 }
@@ -80,14 +84,30 @@ EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5", "LAUNCH": "torchrun
 EXP6 = {**EXP4, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6", "LAUNCH": "torchrun"}
 PRESETS = {cfg["EXPERIMENT"]: cfg for cfg in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6)}
 
+# Recipes: a layer over any preset for nerf_synthetic views larger than the presets' 100 px, e.g.
+#   python exp1.py --recipe=cpu200 --data=../shared/data/nerf_synthetic/lego
+# A recipe sets only keys that scale with the views (resolution, samples, grid, batch, schedule, evaluation, video);
+# keys on the command line still win. How each value was chosen: docs/scale.md.
+RECIPES = {
+    "none": {},
+    # 200 x 200 (DOWNSCALE 4) in 10 minutes on a 2-core CPU
+    "cpu200": {"DOWNSCALE": 4, "TIME_BUDGET_S": 600.0, "MAX_STEPS": 10 ** 9, "EVAL_EVERY": 0,
+               "EVAL_AT_S": "150,300"},
+    # 800 x 800 in 15 minutes on one large GPU
+    "gpu800": {"DOWNSCALE": 1, "TIME_BUDGET_S": 900.0, "MAX_STEPS": 10 ** 9, "EVAL_EVERY": 0,
+               "EVAL_AT_S": "15,60,300", "BATCH_SIZE": 8192, "CHUNK": 32768, "VIDEO_DOWNSCALE": 2},
+}
+
 CHOICES = {"MODEL": ("nerf", "bitnerf"), "DENSITY_ACT": ("relu", "softplus"),
            "DTYPE": ("float32", "bfloat16", "float16"), "DEVICE": ("auto", "cpu", "cuda"),
-           "LAUNCH": ("python", "torchrun"), "DDP_BACKEND": ("auto", "nccl", "gloo"), "NONFINITE": ("stop", "skip"),
-           "WANDB": ("auto", "online", "offline", "disabled")}
+           "LAUNCH": ("python", "torchrun"), "BACKGROUND": ("white", "black"), "DDP_BACKEND": ("auto", "nccl", "gloo"),
+           "NONFINITE": ("stop", "skip"), "WANDB": ("auto", "online", "offline", "disabled"),
+           "RECIPE": tuple(RECIPES)}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
-            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES")
+            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES", "VIDEO_DOWNSCALE")
 NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR",
-                "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES")
+                "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES",
+                "VIDEO_EVERY")
 
 
 def parse_value(key, text, default):
@@ -124,8 +144,21 @@ def check_config(cfg):
     if cfg["ERT_TRANSMITTANCE"] >= 1:
         raise ConfigError(f"--ert_transmittance={cfg['ERT_TRANSMITTANCE']}: must be below 1 "
                           "(1e-4 is a good value; 0 = off)")
+    eval_at_seconds(cfg)
     if cfg["MIN_LR"] > cfg["LR"]:
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
+
+
+def eval_at_seconds(cfg):
+    """EVAL_AT_S as a sorted list of seconds, or a ConfigError."""
+    try:
+        marks = sorted(float(t) for t in cfg["EVAL_AT_S"].split(",") if t.strip())
+    except ValueError:
+        marks = [-1.0]
+    if any(m <= 0 for m in marks):
+        raise ConfigError(f"--eval_at_s={cfg['EVAL_AT_S']}: expected positive seconds separated by commas, "
+                          "like --eval_at_s=150,300,600")
+    return marks
 
 
 def key_docs():
@@ -147,9 +180,10 @@ def usage(preset, script):
 
 
 def apply_overrides(cfg, argv):
-    """The preset with `--key=value` arguments applied, type-checked and range-checked."""
-    cfg = dict(cfg)
+    """The preset, then the RECIPE it names or --recipe names, then the other `--key=value` arguments; type-checked
+    and range-checked."""
     keys = {k.lower(): k for k in cfg}
+    parsed = []
     for arg in argv:
         name, eq, text = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq:
@@ -157,6 +191,10 @@ def apply_overrides(cfg, argv):
         if name.lower() not in keys:
             raise ConfigError(f"unknown key --{name}; valid keys: {', '.join(sorted(keys))}")
         key = keys[name.lower()]
-        cfg[key] = parse_value(key, text, cfg[key])
+        parsed.append((key, parse_value(key, text, cfg[key])))
+    recipe = dict(parsed).get("RECIPE", cfg["RECIPE"])
+    if recipe not in RECIPES:
+        raise ConfigError(f"--recipe={recipe}: must be one of {', '.join(RECIPES)}")
+    cfg = {**cfg, **RECIPES[recipe], **dict(parsed)}
     check_config(cfg)
     return cfg

@@ -187,17 +187,24 @@ def load_blender_split(folder, split, downscale, background):
     return Views(*check_views(images, poses, focal, path))
 
 
-def load_blender(folder, downscale, background):
-    """A nerf_synthetic scene folder with transforms_train/val(/test).json; near 2, far 6."""
-    if not os.path.exists(os.path.join(folder, "transforms_train.json")):
-        raise DataError(f"{folder}: no transforms_train.json; pass a nerf_synthetic scene folder such as .../lego")
-    splits = {s: load_blender_split(folder, s, downscale, background)
-              for s in ("train", "val", "test") if os.path.exists(os.path.join(folder, f"transforms_{s}.json"))}
-    if "val" not in splits:
-        raise DataError(f"{folder}: no transforms_val.json; the loop validates on it")
-    splits["all"] = Views(torch.cat([v.images for v in splits.values()]),
-                          torch.cat([v.poses for v in splits.values()]), splits["train"].focal)
-    return Scene(splits, 2.0, 6.0, background)
+def folder_splits(folder):
+    """The splits a nerf_synthetic folder has a transforms_{split}.json for."""
+    return [s for s in ("train", "val", "test") if os.path.exists(os.path.join(folder, f"transforms_{s}.json"))]
+
+
+def load_blender(folder, downscale, background, splits=("train", "val")):
+    """The named splits of a nerf_synthetic scene folder ('all': every split it has, and their union); near 2,
+    far 6. Only those are read: scoring 10 test views needs transforms_test.json alone, not 80 training images."""
+    names = folder_splits(folder) if "all" in splits else list(splits)
+    missing = [s for s in names if s not in folder_splits(folder)] or ([] if names else ["train"])
+    if missing:
+        raise DataError(f"{folder}: no transforms_{missing[0]}.json; pass a nerf_synthetic scene folder such as "
+                        ".../lego (training reads train and val)")
+    views = {s: load_blender_split(folder, s, downscale, background) for s in names}
+    if "all" in splits:
+        views["all"] = Views(torch.cat([v.images for v in views.values()]),
+                             torch.cat([v.poses for v in views.values()]), views[names[0]].focal)
+    return Scene(views, 2.0, 6.0, background)
 
 
 def synthetic_scene(n_views=40, size=48, seed=0):
@@ -240,8 +247,12 @@ def load_synthetic():
     return Scene(split_views(*check_views(*synthetic_scene(), "synthetic")), 2.0, 5.0, torch.zeros(3))
 
 
-def load_scene(data, downscale=1, white_background=False):
-    """Dispatch on DATA: 'auto', 'tiny_nerf' (download), 'synthetic', a .npz file, or a nerf_synthetic folder."""
+def load_scene(data, downscale=1, background="white", splits=("train", "val")):
+    """Dispatch on DATA: 'auto', 'tiny_nerf' (download), 'synthetic', a .npz file, or a nerf_synthetic folder.
+
+    A folder reads only the named splits, downscaled and composited over the background ('white' or 'black');
+    a .npz or the synthetic scene is small and black-backed, and always holds train, val and all.
+    """
     data = resolve_data(data)
     if data == "tiny_nerf":
         return load_npz(tiny_nerf_path())
@@ -251,8 +262,14 @@ def load_scene(data, downscale=1, white_background=False):
         raise DataError(f"data not found: {data}; pass --data=PATH to a .npz or nerf_synthetic scene folder, "
                         "--data=tiny_nerf to download lego, or --data=synthetic")
     if os.path.isdir(data):
-        return load_blender(data, downscale, torch.full((3,), 1.0 if white_background else 0.0))
+        return load_blender(data, downscale, torch.full((3,), 1.0 if background == "white" else 0.0), splits)
     return load_npz(data)
+
+
+def protocol(scene, views):
+    """What a score was measured on, besides the data and split: the views' resolution and background."""
+    background = {1.0: "white", 0.0: "black"}.get(scene.background.mean().item(), scene.background.tolist())
+    return {"resolution": "{}x{}".format(*views.hw), "background": background}
 
 
 def sample_batch(views, n_rays, generator):

@@ -1,16 +1,21 @@
-"""Render every view of a split and print one JSON line of metrics.
+"""Render every view of a split and print one JSON line of metrics, naming the protocol they were measured under.
 
-    python eval.py RUN_DIR_OR_CKPT_OR_EXPORT [--data=PATH] [--split=auto|all|train|val|test] [--out=DIR]
-Without --data it scores the run's own validation split (or test split, for a folder that has one).
+    python eval.py RUN_DIR_OR_CKPT_OR_EXPORT [--data=PATH] [--split=auto|all|train|val|test] [--per_view]
+By default it scores a nerf_synthetic folder's test split (else val), a run's own .npz or synthetic data on its
+validation split, a .npz passed with --data on all its views; at the run's resolution (DOWNSCALE) and background,
+reading only the split scored. PSNR is per view, then
+averaged; SSIM is torchmetrics' structural_similarity_index_measure with its defaults (Gaussian 11x11 window,
+sigma 1.5, data range 1, on images in [0, 1]): the field's usual SSIM. LPIPS is not computed.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
 from bitnerf import EXPORT_FORMAT, load_ternary
 from configs import UserError
-from dataset import load_scene
+from dataset import folder_splits, load_scene, protocol
 from nerf import model_kwargs
 from train import autocast_context, build_model, resolve_device
 from utils import (
@@ -24,30 +29,35 @@ from utils import (
 )
 
 
-def default_split(data_arg, scene):
-    """All views of a .npz passed with --data; else the test split when the scene has one, else val (a run's own
-    data without --data: its validation split, never the views it trained on)."""
+def default_split(data_arg, data):
+    """All views of a .npz passed with --data; a folder's test split when it has one; else val (a run's own data
+    without --data: its validation split, never the views it trained on)."""
     if data_arg and data_arg.endswith(".npz"):
         return "all"
-    return "test" if "test" in scene.splits else "val"
+    return "test" if os.path.isdir(data) and "test" in folder_splits(data) else "val"
+
+
+def load_model(ckpt, cfg, device, path):
+    """The checkpoint's model (or the export's ternary model) on device."""
+    if ckpt.get("format") == EXPORT_FORMAT:
+        return load_ternary(ckpt, model_kwargs(cfg)).to(device)
+    model = build_model(cfg, device)
+    load_weights(model, ckpt["model"], path)
+    return model
 
 
 def run(args):
-    """Load the checkpoint (or BitNeRF ternary export) and data, render, and return the metrics dict."""
+    """Load the checkpoint (or BitNeRF ternary export) and the split scored, render, and return the metrics dict."""
     keep_freed_memory()
     path = checkpoint_path(args.ckpt)
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     device = resolve_device(args.device)
     exported = ckpt.get("format") == EXPORT_FORMAT
-    if exported:
-        model = load_ternary(ckpt, model_kwargs(cfg)).to(device)
-    else:
-        model = build_model(cfg, device)
-        load_weights(model, ckpt["model"], path)
+    model = load_model(ckpt, cfg, device, path)
     data = args.data or cfg["DATA"]
-    scene = load_scene(data, cfg["DOWNSCALE"], cfg["WHITE_BKGD"])
-    split = default_split(args.data, scene) if args.split == "auto" else args.split
+    split = default_split(args.data, data) if args.split == "auto" else args.split
+    scene = load_scene(data, cfg["DOWNSCALE"], cfg["BACKGROUND"], splits=(split,))
     if split not in scene.splits:
         raise UserError(f"--split={split}: {data} has only {', '.join(sorted(scene.splits))}")
     views = scene.splits[split]
@@ -61,17 +71,22 @@ def run(args):
             grid.load_state_dict(ckpt["grid"])
     t0 = time.perf_counter()
     scores, _ = evaluate_views(model, views, scene, cfg, grid, autocast_context(cfg, device), save_dir=args.out)
-    return {"psnr": round(scores["psnr"], 4), "ssim": round(scores["ssim"], 4), "views": scores["views"],
-            "seconds": round(time.perf_counter() - t0, 2), "split": split, "step": ckpt.get("step"),
-            "exported": exported}
+    result = {"psnr": round(scores["psnr"], 4), "ssim": round(scores["ssim"], 4), "data": data, "split": split,
+              "views": scores["views"], **protocol(scene, views), "seconds": round(time.perf_counter() - t0, 2),
+              "step": ckpt.get("step"), "exported": exported}
+    if args.per_view:
+        result["per_view"] = [{"view": v["view"], "psnr": round(v["psnr"], 4), "ssim": round(v["ssim"], 4)}
+                              for v in scores["per_view"]]
+    return result
 
 
 def main(argv=None):
     """Parse arguments, evaluate, print the JSON line; bad input is one line on stderr and exit 2."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("ckpt", help="run directory holding ckpt.pt, or a checkpoint file")
-    p.add_argument("--data", default=None, help="data to evaluate on (default: the run's DATA, its val/test split)")
+    p.add_argument("--data", default=None, help="data to evaluate on (default: the run's DATA, its val split)")
     p.add_argument("--split", default="auto", choices=("auto", "all", "train", "val", "test"))
+    p.add_argument("--per_view", action="store_true", help="also list each view's PSNR and SSIM")
     p.add_argument("--out", default=None, help="also save each render and its depth map as PNG here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")

@@ -1,13 +1,15 @@
 """Run every experiment under one time budget and write media/results.md, curves.png and per-experiment GIFs.
 
-    python report.py [--budget_s=600] [--data=PATH] [--only=exp1,exp4] [--quick] [--wandb=auto]
+    python report.py [--budget_s=600] [--data=PATH [--downscale=N]] [--seeds=N] [--only=exp1,exp4] [--quick]
 
 Each experiment trains from scratch in its own run directory (a preset with LAUNCH=torchrun under torchrun with
-2 processes; on a GPU machine one per GPU, at most 2) and is evaluated on the held-out views at the end of its
-run. Once all have run, their 360-degree orbit and depth GIFs, the table and the curves are written to the media
-directory. A full report (all six, not --quick) writes media/ and rewrites the README's results block; --only and
---quick write theirs under the run directory instead. --quick (a few seconds per experiment) checks that the
-pipeline works. Ctrl-C stops the running experiment at its checkpoint and writes nothing to the media directory.
+2 processes; on a GPU machine one per GPU, at most 2) and is evaluated on all the held-out views each time its
+training time passes an eighth of the budget (the PSNR curve) and at the end. With --seeds=N each experiment
+trains N times (SEED 0 .. N-1): the table gives mean +- standard deviation, the curves their spread. Once all
+have run, their 360-degree orbit and depth GIFs, the table and the curves are written to the media directory.
+A full report (all six, not --quick) writes media/ and rewrites the README's results block; --only and --quick
+write theirs under the run directory instead. --quick (a few seconds per experiment) checks that the pipeline
+works. Ctrl-C stops the running experiment at its checkpoint and writes nothing to the media directory.
 """
 import argparse
 import json
@@ -27,7 +29,8 @@ from utils import atomic_write, write_text
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXPERIMENTS = tuple(configs.PRESETS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
-QUICK = {"budget_s": 10.0, "video_frames": 4, "eval_every": 25, "data": "synthetic"}
+QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic"}
+CURVE_POINTS = 8  # validations on all views per run, at equal shares of the budget (the last one at its end)
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
 COLUMNS = ["experiment", "precision", "bits/weight", "processes", "steps", "train s", "wall s", "samples/s",
            "peak mem MB", "checkpoint", "export", "val PSNR", "val SSIM"]
@@ -59,8 +62,8 @@ def ddp_processes():
     return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
 
 
-def command(exp, args, run_dir):
-    """The command line that trains one experiment for the report."""
+def command(exp, args, run_dir, seed=0):
+    """The command line that trains one experiment (with the preset's SEED plus seed) for the report."""
     script = os.path.join(ROOT, f"{exp}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]
     if configs.PRESETS[exp]["LAUNCH"] == "torchrun":
@@ -68,16 +71,18 @@ def command(exp, args, run_dir):
                   script]
     overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
                  "--max_steps=1000000000", f"--wandb={args.wandb}",  # the budget, not MAX_STEPS, ends each run
-                 f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}"]
-    if args.quick:
-        overrides.append(f"--eval_every={QUICK['eval_every']}")
+                 f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}", "--eval_every=0",
+                 "--eval_at_s=" + ",".join(f"{args.budget_s * k / CURVE_POINTS:g}" for k in range(1, CURVE_POINTS)),
+                 f"--seed={configs.PRESETS[exp]['SEED'] + seed}"]
+    if args.downscale:
+        overrides.append(f"--downscale={args.downscale}")
     return launch + overrides
 
 
-def run_experiment(exp, args, run_dir, group):
+def run_experiment(exp, args, run_dir, group, seed=0):
     """Train one experiment (its output goes to run_dir/log.txt); its metrics, or None if it failed."""
     os.makedirs(run_dir, exist_ok=True)
-    cmd = command(exp, args, run_dir)
+    cmd = command(exp, args, run_dir, seed)
     print(f"[{time.strftime('%H:%M:%S')}] {exp}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
@@ -101,34 +106,71 @@ def run_experiment(exp, args, run_dir, group):
     return {**metrics, "wall_seconds": round(wall, 1)}
 
 
-def table_row(exp, metrics, run_dir):
-    """One row of the results table."""
+def spread(values, fmt):
+    """One table cell: the value, or over several seeds their mean +- sample standard deviation."""
+    import statistics
+
+    if len(values) == 1:
+        return fmt(values[0])
+    return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
+
+
+def table_row(exp, runs, run_dir):
+    """One row of the results table from the metrics of an experiment's runs (one per seed)."""
     cfg = configs.PRESETS[exp]
-    psnr = f"{metrics['val_psnr']:.2f}"
-    if "export_psnr" in metrics:
-        psnr += f" (export {metrics['export_psnr']:.2f})"
+    cell = lambda key, fmt: spread([m[key] for m in runs], fmt)  # noqa: E731
+    psnr = cell("val_psnr", "{:.2f}".format)
+    if "export_psnr" in runs[0]:
+        psnr += f" (export {cell('export_psnr', '{:.2f}'.format)})"
     return {"experiment": exp, "precision": precision(cfg), "bits/weight": bits_per_weight(cfg),
-            "processes": metrics["world_size"], "steps": metrics["steps"], "train s": f"{metrics['train_seconds']:.0f}",
-            "wall s": f"{metrics['wall_seconds']:.0f}", "samples/s": f"{metrics['samples_per_s']:,.0f}",
-            "peak mem MB": metrics["peak_mem_mb"], "checkpoint": size_text(os.path.join(run_dir, "ckpt.pt")),
+            "processes": runs[0]["world_size"], "steps": cell("steps", "{:.0f}".format),
+            "train s": cell("train_seconds", "{:.0f}".format), "wall s": cell("wall_seconds", "{:.0f}".format),
+            "samples/s": cell("samples_per_s", "{:,.0f}".format), "peak mem MB": cell("peak_mem_mb", "{:.0f}".format),
+            "checkpoint": size_text(os.path.join(run_dir, "ckpt.pt")),
             "export": size_text(os.path.join(run_dir, "bitnerf_ternary.pt")), "val PSNR": psnr,
-            "val SSIM": f"{metrics['val_ssim']:.3f}"}
+            "val SSIM": cell("val_ssim", "{:.3f}".format)}
+
+
+def loss_band(runs):
+    """Training seconds and the min, mean and max training loss over runs, interpolated onto one time axis."""
+    import numpy as np
+
+    end = min(r["curve"][-1]["train_seconds"] for r in runs)
+    x = np.linspace(0, end, 200)
+    ys = np.stack([np.interp(x, [c["train_seconds"] for c in r["curve"]], [c["loss"] for c in r["curve"]])
+                   for r in runs])
+    return x, ys.min(0), ys.mean(0), ys.max(0)
+
+
+def psnr_band(runs):
+    """Training seconds of the all-view validations (EVAL_AT_S marks and the end) and the mean and standard
+    deviation of their PSNR over runs."""
+    import numpy as np
+
+    points = [[(h["at_s"][0], h["psnr"]) for h in r["history"] if h.get("at_s")] for r in runs]
+    n = min(map(len, points))
+    ys = np.array([[p for _, p in pts[:n]] for pts in points])
+    return [t for t, _ in points[0][:n]], ys.mean(0), ys.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
 
 
 def plot_curves(results, path):
-    """Training loss and validation PSNR against training seconds, one line per experiment, as a PNG."""
+    """Training loss and validation PSNR against training seconds, one line per experiment (over seeds: the mean,
+    with the loss's min-max and the PSNR's +- one standard deviation shaded), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, psnr_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for exp, metrics in results.items():
-        loss_ax.plot([c["train_seconds"] for c in metrics["curve"]], [c["loss"] for c in metrics["curve"]], label=exp)
-        psnr_ax.plot([h["train_seconds"] for h in metrics["history"]], [h["psnr"] for h in metrics["history"]],
-                     marker=".", label=exp)
+    for exp, runs in results.items():
+        x, lo, mean, hi = loss_band([r for r in runs if r["curve"]])
+        line, = loss_ax.plot(x, mean, label=exp)
+        loss_ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+        t, mean, std = psnr_band(runs)
+        psnr_ax.plot(t, mean, marker=".", color=line.get_color(), label=exp)
+        psnr_ax.fill_between(t, mean - std, mean + std, color=line.get_color(), alpha=0.25, linewidth=0)
     loss_ax.set(xlabel="training seconds", ylabel="training loss (MSE, one batch)", yscale="log")
-    psnr_ax.set(xlabel="training seconds", ylabel="validation PSNR (dB)")
+    psnr_ax.set(xlabel="training seconds", ylabel="validation PSNR (dB), all views")
     for ax in (loss_ax, psnr_ax):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -162,8 +204,11 @@ def commit():
 
 def results_markdown(rows, results, args, argv, total_s, media=""):
     """The text of results.md: how it was made, the table, the curves and the GIFs (linked under media)."""
-    lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Data: `{os.path.basename(args.data)}`, "
-             f"validation PSNR/SSIM on its held-out views (never trained on).",
+    first = next(iter(results.values()))[0]
+    seeds = f"; each cell the mean ± sample standard deviation over {args.seeds} seeds" if args.seeds > 1 else ""
+    lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Data: `{os.path.basename(args.data)}` at "
+             f"{first['resolution']}, {first['background']} background, validation PSNR/SSIM on its held-out views "
+             f"(never trained on){seeds}.",
              f"Command: `python report.py {shlex.join(argv)}`".rstrip() + f", code of commit {commit()} — "
              f"{total_s / 60:.0f} min in all; "
              f"each experiment trained {args.budget_s:.0f} s from scratch (evaluation and videos not counted); "
@@ -173,8 +218,9 @@ def results_markdown(rows, results, args, argv, total_s, media=""):
              "resident memory of the process (rank 0 under torchrun) on CPU, allocated memory on GPU. checkpoint: "
              "`ckpt.pt` (weights, optimizer, grid); export: the 2-bit ternary file of BitNeRF runs.", "",
              f"![loss and PSNR curves]({media}curves.png)", "",
-             "Curves: the training loss is rank 0's batch every LOG_EVERY steps; validation points are on "
-             "EVAL_VIEWS views during training, the last one on all held-out views.", ""]
+             "Curves: the training loss is rank 0's batch every LOG_EVERY steps; validation PSNR is on all held-out "
+             "views at every eighth of the budget" + (", shaded: loss min-max and PSNR ± one standard deviation over "
+                                                      "seeds" if args.seeds > 1 else "") + ".", ""]
     gifs = [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)" for exp in results]
     return "\n".join(lines) + "\n" + "\n\n".join(gifs) + "\n"
 
@@ -196,6 +242,9 @@ def parse_args(argv):
     p.add_argument("--budget_s", type=float, default=None, help="training seconds per experiment (default 600)")
     p.add_argument("--data", default=None, help="default: ../shared/data/lego_tiny.npz if present, else tiny_nerf "
                    "(downloaded); synthetic for --quick")
+    p.add_argument("--downscale", type=int, default=None, help="a nerf_synthetic --data folder's image downscale "
+                   "(1 = 800 px, 4 = 200 px; default: the presets')")
+    p.add_argument("--seeds", type=int, default=1, help="runs per experiment (SEED 0 .. N-1): mean +- std")
     p.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments to run")
     p.add_argument("--quick", action="store_true", help="a few seconds per experiment: checks the pipeline")
     p.add_argument("--out_dir", default=None, help="run directories go here (default out/report-DATE-TIME)")
@@ -210,6 +259,8 @@ def parse_args(argv):
         args.data = QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "auto"
     args.out_dir = args.out_dir or os.path.join("out", time.strftime("report-%Y%m%d-%H%M%S"))
     args.exps = args.only.split(",")
+    if args.seeds < 1 or (args.downscale is not None and args.downscale < 1):
+        raise configs.UserError(f"--seeds={args.seeds} --downscale={args.downscale}: both must be >= 1")
     full = not args.quick and sorted(args.exps) == sorted(EXPERIMENTS)  # a partial report must not replace the full one
     args.media_dir = args.media_dir or (os.path.join(ROOT, "media") if full else args.out_dir)
     args.readme = args.readme if full else None
@@ -224,19 +275,23 @@ def parse_args(argv):
 
 
 def run_all(args, argv):
-    """Run the experiments one after another; returns {exp: metrics} and the table rows of those that finished."""
+    """Run the experiments (each once per seed) one after another; returns {exp: [metrics of each finished run]}
+    and the table rows of the experiments whose runs all finished."""
     group, results, rows = os.path.basename(args.out_dir), {}, []
     for exp in args.exps:
-        run_dir = os.path.join(args.out_dir, exp)
-        try:
-            metrics = run_experiment(exp, args, run_dir, group)
-        except KeyboardInterrupt:
-            print(f"stopped: Ctrl-C during {exp}; its checkpoint is in {run_dir} (rerun its command to resume); "
-                  f"nothing was written to {args.media_dir}", file=sys.stderr)
-            sys.exit(130)
-        if metrics is not None:
-            results[exp] = metrics
-            rows.append(table_row(exp, metrics, run_dir))
+        runs = []
+        for seed in range(args.seeds):
+            run_dir = os.path.join(args.out_dir, exp, *([f"seed{seed}"] if args.seeds > 1 else []))
+            try:
+                metrics = run_experiment(exp, args, run_dir, group, seed)
+            except KeyboardInterrupt:
+                print(f"stopped: Ctrl-C during {exp}; its checkpoint is in {run_dir} (rerun its command to resume); "
+                      f"nothing was written to {args.media_dir}", file=sys.stderr)
+                sys.exit(130)
+            runs += [metrics] if metrics is not None else []
+        if len(runs) == args.seeds:
+            results[exp] = runs
+            rows.append(table_row(exp, runs, run_dir))
     return results, rows
 
 
@@ -244,7 +299,7 @@ def write_media(results, rows, args, argv, total_s):
     """The GIFs, curves and results.md (and the README block of a full report), each written atomically."""
     for exp in results:
         for name, suffix in (("video", "rgb"), ("depth", "depth")):
-            src = os.path.join(args.out_dir, exp, f"{name}.gif")
+            src = os.path.join(args.out_dir, exp, *(["seed0"] if args.seeds > 1 else []), f"{name}.gif")
             if os.path.exists(src):
                 atomic_write(os.path.join(args.media_dir, f"{exp}_{suffix}.gif"),
                              lambda tmp, src=src: shutil.copyfile(src, tmp))

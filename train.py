@@ -20,8 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
-from configs import ConfigError, UserError, apply_overrides, usage
-from dataset import load_scene, resolve_data, sample_batch
+from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
+from dataset import load_scene, protocol, resolve_data, sample_batch
 from nerf import NeRF, model_kwargs
 from utils import (
     Rays,
@@ -377,6 +377,10 @@ class Trainer:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(cfg["SEED"])
         self.state = self.resume(ckpt) if ckpt is not None else RunState()
+        if world > 1:
+            self.check_same_start()
+        done = {m for h in self.state.history for m in h.get("at_s", [])}
+        self.marks = [m for m in eval_at_seconds(cfg) if m not in done]  # EVAL_AT_S marks not yet validated at
         self.fast, self.compile_seconds = compile_model(cfg, self.model, device, self.amp)
         # compile first, then wrap, as DDP expects; under torchrun always, so one process exercises the DDP path too
         self.net = wrap_ddp(cfg, self.fast, device) if dist.is_initialized() else self.fast
@@ -392,7 +396,7 @@ class Trainer:
 
     def load_data(self):
         """The scene, its training and validation views moved to the device."""
-        self.scene = load_scene(self.cfg["DATA"], self.cfg["DOWNSCALE"], self.cfg["WHITE_BKGD"])
+        self.scene = load_scene(self.cfg["DATA"], self.cfg["DOWNSCALE"], self.cfg["BACKGROUND"])
         self.train_views, self.val_views = self.scene.splits["train"], self.scene.splits["val"]
         for v in (self.train_views, self.val_views):
             v.images, v.poses = v.images.to(self.device), v.poses.to(self.device)
@@ -412,6 +416,14 @@ class Trainer:
             print(f"resuming {self.ckpt_path} at step {state.step} ({state.train_seconds:.0f} s trained)",
                   file=sys.stderr)
         return state
+
+    def check_same_start(self):
+        """Under torchrun, stop unless every rank starts at the same step (a node that cannot see OUT_DIR's
+        checkpoint would start over while the others resume)."""
+        latest, negated_earliest = all_reduce([self.state.step, -self.state.step], "max")
+        if latest != -negated_earliest:
+            raise UserError(f"the ranks would start at steps {-negated_earliest:.0f} to {latest:.0f}: some cannot see "
+                            f"{self.ckpt_path}; put --out_dir on storage every node sees (or copy ckpt.pt there)")
 
     def capture(self):
         """The training step captured as a CUDA graph (its outputs are kept in self.graph_outputs)."""
@@ -485,9 +497,10 @@ class Trainer:
         return mse, reg, grad_norm
 
     def add_time(self, seconds):
-        """Count a step's seconds (under torchrun with a budget the slowest rank's, so all stop at one step)."""
+        """Count a step's seconds (under torchrun with a budget or EVAL_AT_S the slowest rank's, so that all stop or
+        validate at one step)."""
         self.state.train_seconds += seconds
-        if self.world > 1 and self.cfg["TIME_BUDGET_S"]:
+        if self.world > 1 and (self.cfg["TIME_BUDGET_S"] or self.marks):
             self.state.train_seconds = all_reduce([self.state.train_seconds], "max")[0]
         rays = self.cfg["BATCH_SIZE"] / seconds
         self.rays_per_s = rays if self.rays_per_s == 0 else 0.9 * self.rays_per_s + 0.1 * rays
@@ -513,20 +526,46 @@ class Trainer:
         """Score the validation views (the first n_views, or all), record it in the history; returns view 0."""
         scores, first = evaluate_views(self.fast, self.val_views, self.scene, self.cfg, self.grid, self.amp, n_views,
                                        rank=self.rank, world=self.world)
-        self.state.history.append({"step": self.state.step, "train_seconds": round(self.state.train_seconds, 2),
-                                   **scores})
+        self.record(scores)
         if self.run:
             self.run.log({"val/psnr": scores["psnr"], "val/ssim": scores["ssim"]}, step=self.state.step)
             log_images(self.run, self.state.step, first)
         return scores
 
+    def record(self, scores):
+        """Add a validation's scores to the history, tagged with the EVAL_AT_S marks training time has passed."""
+        seconds = self.state.train_seconds
+        passed = [m for m in self.marks if m <= seconds]
+        self.marks = self.marks[len(passed):]
+        self.state.history.append({"step": self.state.step, "train_seconds": round(seconds, 2),
+                                   **{k: v for k, v in scores.items() if k != "per_view"},
+                                   **({"at_s": passed} if passed else {})})
+
     def validate_if_due(self):
-        """Every EVAL_EVERY steps (not the last: the final evaluation follows), validate on EVAL_VIEWS views."""
-        if self.cfg["EVAL_EVERY"] and self.state.step % self.cfg["EVAL_EVERY"] == 0 and not self.done():
+        """Every EVAL_EVERY steps on EVAL_VIEWS views, and on all once training time passes an EVAL_AT_S mark (not
+        at the end: the final evaluation follows)."""
+        if self.done():
+            return
+        if self.marks and self.state.train_seconds >= self.marks[0]:
+            scores = self.validate()
+        elif self.cfg["EVAL_EVERY"] and self.state.step % self.cfg["EVAL_EVERY"] == 0:
             scores = self.validate(self.cfg["EVAL_VIEWS"])
-            if self.main_rank:
-                self.bar.write(f"step {self.state.step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
-                               f"({scores['views']} views, {self.state.train_seconds:.0f} s)")
+        else:
+            return
+        if self.main_rank:
+            self.bar.write(f"step {self.state.step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
+                           f"({scores['views']} views, {self.state.train_seconds:.0f} s)")
+
+    def video_if_due(self):
+        """Every VIDEO_EVERY steps (not the last: the final video follows), rank 0 renders video_stepN.mp4/gif."""
+        step, every = self.state.step, self.cfg["VIDEO_EVERY"]
+        if self.main_rank and every and self.cfg["VIDEO_FRAMES"] and step % every == 0 and not self.done():
+            path = render_videos(self.fast, self.val_views, self.scene, self.cfg, self.grid, self.amp, self.out_dir,
+                                 f"_step{step}")
+            if self.run:
+                import wandb
+
+                self.run.log({"video": wandb.Video(path, format="mp4")}, step=step)
 
     def checkpoint(self):
         """Write ckpt.pt (rank 0): the tensors, as plain tensors (torchao's training weights do not load with
@@ -554,7 +593,8 @@ class Trainer:
         """The final metrics dict (metrics.json) from the last validation's scores."""
         cfg, state = self.cfg, self.state
         per_s = state.step * cfg["BATCH_SIZE"] / max(state.train_seconds, 1e-9)
-        return {"experiment": cfg["EXPERIMENT"], "data": cfg["DATA"], "val_psnr": scores["psnr"],
+        return {"experiment": cfg["EXPERIMENT"], "data": cfg["DATA"], **protocol(self.scene, self.val_views),
+                "val_psnr": scores["psnr"],
                 "val_ssim": scores["ssim"], "val_views": scores["views"], "steps": state.step,
                 "train_seconds": round(state.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),
                 "eval_seconds": round(eval_seconds, 2), "rays_per_s": round(per_s, 1),
@@ -569,8 +609,7 @@ class Trainer:
         t0 = time.perf_counter()
         scores, first = evaluate_views(self.fast, self.val_views, self.scene, self.cfg, self.grid, self.amp,
                                        rank=self.rank, world=self.world)
-        self.state.history.append({"step": self.state.step, "train_seconds": round(self.state.train_seconds, 2),
-                                   **scores})
+        self.record(scores)
         metrics = self.metrics(scores, time.perf_counter() - t0)
         if not self.main_rank:
             return metrics
@@ -609,6 +648,7 @@ def fit(cfg, rank, world, device):
             trainer.add_time(time.perf_counter() - t0)
             trainer.log(lr, mse, reg, grad_norm)
             trainer.validate_if_due()
+            trainer.video_if_due()
             trainer.checkpoint_if_due()
     trainer.bar.close()
     trainer.checkpoint()

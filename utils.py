@@ -409,7 +409,10 @@ def load_checkpoint(path):
     except Exception as e:  # torch raises many types for a damaged file
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}); "
                         "delete it to start over, or pick another --out_dir") from None
-    ckpt["config"] = {**EXP1, **ckpt["config"]}
+    old = ckpt["config"]
+    if "WHITE_BKGD" in old:  # the key BACKGROUND replaced
+        old["BACKGROUND"] = "white" if old.pop("WHITE_BKGD") else "black"
+    ckpt["config"] = {**EXP1, **old}
     return ckpt
 
 
@@ -467,52 +470,55 @@ def rebuild_grid(model, cfg, scene, device, passes=4):
     return grid
 
 
-def render_view(model, c2w, views, scene, cfg, grid, amp):
-    """Render the camera c2w at a split's resolution and the config's sampling, under autocast amp."""
+def render_view(model, c2w, views, scene, cfg, grid, amp, downscale=1):
+    """Render the camera c2w at a split's resolution (divided by downscale) and the config's sampling, under amp."""
     H, W = views.hw
     with amp:
-        return render_image(model, c2w, H, W, views.focal, scene.near, scene.far, cfg["NUM_SAMPLES"],
-                            scene.background, cfg["CHUNK"], grid, cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"])
+        return render_image(model, c2w, H // downscale, W // downscale, views.focal / downscale, scene.near, scene.far,
+                            cfg["NUM_SAMPLES"], scene.background, cfg["CHUNK"], grid, cfg["NUM_FINE"],
+                            cfg["ERT_TRANSMITTANCE"])
 
 
 def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None, rank=0, world=1):
     """Mean per-view PSNR and SSIM over the first n_views of a split (all by default), plus view 0's renders.
 
-    Under DDP each rank renders every world-th view and the sums are all-reduced. With save_dir, each
-    render and its depth picture are also written there as PNG.
+    The scores also list each view's ("per_view", of this rank's views). Under DDP each rank renders every
+    world-th view and the sums are all-reduced. With save_dir, each render and its depth picture are also written
+    there as PNG.
     """
     import imageio.v2 as imageio
 
     if save_dir:
         os.makedirs(save_dir, exist_ok=True)
     model.eval()
-    sums, first = [0.0, 0.0, 0.0], None
+    per_view, first = [], None
     for k in range(rank, len(views.images) if n_views is None else min(n_views, len(views.images)), world):
         rgb, depth, acc = render_view(model, views.poses[k], views, scene, cfg, grid, amp)
-        target = views.images[k]
-        sums = [sums[0] + psnr(rgb, target), sums[1] + ssim(rgb, target), sums[2] + 1]
-        first = first or (rgb, target, depth_image(depth, acc, scene.near, scene.far))
+        target, depth = views.images[k], depth_image(depth, acc, scene.near, scene.far)
+        per_view.append({"view": k, "psnr": psnr(rgb, target), "ssim": ssim(rgb, target)})
+        first = first or (rgb, target, depth)
         if save_dir:
             imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
-            imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth_image(depth, acc, scene.near,
-                                                                                      scene.far))
+            imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth)
     model.train()
+    sums = [sum(v["psnr"] for v in per_view), sum(v["ssim"] for v in per_view), len(per_view)]
     total_psnr, total_ssim, count = all_reduce(sums) if world > 1 else sums
-    return {"psnr": total_psnr / count, "ssim": total_ssim / count, "views": int(count)}, first
+    return {"psnr": total_psnr / count, "ssim": total_ssim / count, "views": int(count), "per_view": per_view}, first
 
 
-def render_videos(model, views, scene, cfg, grid, amp, out_dir):
-    """The 360-degree orbit (rgb and depth) written as mp4 and gif; returns the rgb mp4 path."""
+def render_videos(model, views, scene, cfg, grid, amp, out_dir, tag=""):
+    """The 360-degree orbit (rgb and depth) at the views' resolution / VIDEO_DOWNSCALE, written as mp4 and gif
+    (named video{tag}, depth{tag}); returns the rgb mp4 path."""
     radius = views.poses[:, :3, 3].norm(dim=-1).mean().item()
     rgb_frames, depth_frames = [], []
     model.eval()
     for theta in torch.linspace(0.0, 360.0, cfg["VIDEO_FRAMES"] + 1)[:-1].tolist():
         c2w = pose_spherical(theta, -30.0, radius).to(views.poses.device)
-        rgb, depth, acc = render_view(model, c2w, views, scene, cfg, grid, amp)
+        rgb, depth, acc = render_view(model, c2w, views, scene, cfg, grid, amp, cfg["VIDEO_DOWNSCALE"])
         rgb_frames.append(to_uint8(rgb))
         depth_frames.append(depth_image(depth, acc, scene.near, scene.far))
     model.train()
     for name, frames in (("video", rgb_frames), ("depth", depth_frames)):
         for ext in ("mp4", "gif"):
-            write_video(frames, os.path.join(out_dir, f"{name}.{ext}"))
-    return os.path.join(out_dir, "video.mp4")
+            write_video(frames, os.path.join(out_dir, f"{name}{tag}.{ext}"))
+    return os.path.join(out_dir, f"video{tag}.mp4")

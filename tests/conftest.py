@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: the repo on sys.path, the real data beside the repo, small fast configs,
 command-line runs, and trained runs made once per session."""
+import json
 import os
 import shutil
 import subprocess
@@ -34,6 +35,25 @@ def one_line_error(res, words):
     lines = res.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and words in lines[-1], res.stderr
     assert "Traceback" not in res.stderr
+
+
+def write_blender(folder, images, poses, focal, splits=("train", "val")):
+    """A nerf_synthetic-style folder: RGBA PNGs (RGB images get alpha 1 where not black) and transforms json."""
+    import imageio.v2 as imageio
+    import numpy as np
+
+    if images.shape[-1] == 3:
+        images = np.concatenate([images, (images.max(-1, keepdims=True) > 0).astype(np.float32)], -1)
+    W = images.shape[2]
+    for split in splits:
+        os.makedirs(folder / split, exist_ok=True)
+        frames = []
+        for k, (img, pose) in enumerate(zip(images, poses, strict=True)):
+            imageio.imwrite(folder / split / f"r_{k}.png", (img * 255).round().astype(np.uint8))
+            frames.append({"file_path": f"./{split}/r_{k}", "transform_matrix": pose.tolist()})
+        angle = 2 * np.arctan(W / (2 * focal))
+        (folder / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
+    return str(folder)
 
 
 def small(out_dir):

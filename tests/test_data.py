@@ -1,14 +1,12 @@
 """The three data sources, their validation, and bad files."""
-import json
 import os
 
-import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
 
 import dataset
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, write_blender
 from dataset import DataError, load_scene, sample_batch, synthetic_scene
 
 
@@ -85,32 +83,18 @@ def test_download_is_validated_before_it_is_kept(tmp_path, monkeypatch, synth):
     assert len(scene.splits["all"].images) == 6 and os.listdir(cache) == ["tiny_nerf_data.npz"]
 
 
-def write_blender(folder, images, poses, focal, splits=("train", "val")):
-    """A nerf_synthetic-style folder: RGBA PNGs (alpha from non-black pixels) and transforms json."""
-    H, W = images.shape[1:3]
-    for split in splits:
-        os.makedirs(folder / split, exist_ok=True)
-        frames = []
-        for k, (img, pose) in enumerate(zip(images, poses, strict=True)):
-            alpha = (img.max(-1, keepdims=True) > 0).astype(np.float32)
-            imageio.imwrite(folder / split / f"r_{k}.png", (np.concatenate([img, alpha], -1) * 255).astype(np.uint8))
-            frames.append({"file_path": f"./{split}/r_{k}", "transform_matrix": pose.tolist()})
-        angle = 2 * np.arctan(W / (2 * focal))
-        (folder / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
-    return str(folder)
-
-
 def test_blender_folder_background_and_downscale(tmp_path, synth):
     images, poses, focal = synth
     folder = write_blender(tmp_path / "scene", images, poses, focal)
-    black = load_scene(folder)
-    white = load_scene(folder, white_background=True)
+    black = load_scene(folder, background="black")
+    white = load_scene(folder)  # the default: the field's protocol
     half = load_scene(folder, downscale=2)
     bg = torch.from_numpy(images[0].max(-1) == 0)
     assert torch.allclose(black.splits["train"].images[0][bg], torch.zeros(3))
     assert torch.allclose(white.splits["train"].images[0][bg], torch.ones(3))
     assert half.splits["val"].hw == (8, 8) and half.splits["val"].focal == pytest.approx(focal / 2, rel=1e-4)
-    assert sorted(black.splits) == ["all", "train", "val"]
+    assert sorted(black.splits) == ["train", "val"]  # what training reads
+    assert sorted(load_scene(folder, splits=("all",)).splits) == ["all", "train", "val"]
 
 
 def test_blender_folder_without_val_or_with_bad_json(tmp_path, synth):
@@ -138,7 +122,7 @@ def test_shared_lego_tiny_matches_the_nerf_synthetic_folder(lego_tiny):
     if not os.path.isdir(folder):
         pytest.skip("../shared/data/nerf_synthetic/lego not present")
     tiny = load_scene(lego_tiny)
-    big = load_scene(folder, downscale=8)
+    big = load_scene(folder, downscale=8, background="black")
     assert len(tiny.splits["all"].images) == 90 and tiny.splits["all"].hw == (100, 100)
     assert torch.allclose(tiny.splits["all"].poses[:80], big.splits["train"].poses, atol=1e-5)
     assert big.splits["train"].focal == pytest.approx(tiny.splits["all"].focal, rel=1e-3)

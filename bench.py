@@ -290,7 +290,7 @@ def main():
         marks = [f"psnr@{m:g}s" for m in quality_marks(device, args.budget_s)]
         print(markdown(rows, ["exp", "resolution", "background", "dtype", "batch", "samples_per_ray", *marks, "ssim",
                               "steps", "samples_per_s",
-                              "% of samples trained", "mlp_gflops", "mm_peak_gflops", "% of mm peak"]))
+                              "% of samples trained", "mlp_gflops", "mm_peak_gflops", "% of mm peak", "peak_mem_mb"]))
     else:
         print(markdown(rows, ["exp", "dtype", "compile", "batch", "samples_per_ray", "rays_per_s", "samples_per_s",
                               "mlp_gflops", "mm_peak_gflops", "% of mm peak", "mlp_gflops culled",

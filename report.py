@@ -23,7 +23,7 @@ import sys
 import time
 
 import configs
-from bench import SHARED_TINY, markdown
+from bench import SHARED_TINY, markdown, quality_marks
 from utils import atomic_write, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -62,6 +62,31 @@ def ddp_processes():
     return min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
 
 
+def time_marks(budget_s):
+    """The training times (s) before the budget's end at which bench.py --quality reads PSNR on this machine's
+    device (CPU: 2.5 and 5 min; GPU: 15 s, 1, 5 min): the table gives the PSNR there too."""
+    import torch
+
+    return quality_marks(torch.device("cuda" if torch.cuda.is_available() else "cpu"), budget_s)[:-1]
+
+
+def columns(args):
+    """The table's columns: COLUMNS with the PSNR at each of the time marks before the final one."""
+    at = COLUMNS.index("val PSNR")
+    return COLUMNS[:at] + [f"PSNR@{m:g}s" for m in time_marks(args.budget_s)] + COLUMNS[at:]
+
+
+def eval_marks(budget_s):
+    """The training times (s) of a run's all-view validations before its end: each eighth of the budget (the
+    curve) and the time marks."""
+    return sorted({budget_s * k / CURVE_POINTS for k in range(1, CURVE_POINTS)} | {*time_marks(budget_s)})
+
+
+def psnr_at(run, mark):
+    """A run's PSNR on all validation views when its training time passed mark seconds (None if it never did)."""
+    return next((h["psnr"] for h in run["history"] if mark in h.get("at_s", [])), None)
+
+
 def command(exp, args, run_dir, seed=0):
     """The command line that trains one experiment (with the preset's SEED plus seed) for the report."""
     script = os.path.join(ROOT, f"{exp}.py")  # run from the caller's directory: relative paths mean the same
@@ -72,7 +97,7 @@ def command(exp, args, run_dir, seed=0):
     overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
                  "--max_steps=1000000000", f"--wandb={args.wandb}",  # the budget, not MAX_STEPS, ends each run
                  f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}", "--eval_every=0",
-                 "--eval_at_s=" + ",".join(f"{args.budget_s * k / CURVE_POINTS:g}" for k in range(1, CURVE_POINTS)),
+                 "--eval_at_s=" + ",".join(f"{m:g}" for m in eval_marks(args.budget_s)),
                  f"--seed={configs.PRESETS[exp]['SEED'] + seed}"]
     if args.downscale:
         overrides.append(f"--downscale={args.downscale}")
@@ -115,10 +140,12 @@ def spread(values, fmt):
     return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
 
 
-def table_row(exp, runs, run_dir):
-    """One row of the results table from the metrics of an experiment's runs (one per seed)."""
+def table_row(exp, runs, run_dir, marks=()):
+    """One row of the results table from the metrics of an experiment's runs (one per seed), with the PSNR at the
+    given training times."""
     cfg = configs.PRESETS[exp]
     cell = lambda key, fmt: spread([m[key] for m in runs], fmt)  # noqa: E731
+    at = {m: [psnr_at(r, m) for r in runs] for m in marks}
     psnr = cell("val_psnr", "{:.2f}".format)
     if "export_psnr" in runs[0]:
         psnr += f" (export {cell('export_psnr', '{:.2f}'.format)})"
@@ -128,6 +155,7 @@ def table_row(exp, runs, run_dir):
             "samples/s": cell("samples_per_s", "{:,.0f}".format), "peak mem MB": cell("peak_mem_mb", "{:.0f}".format),
             "checkpoint": size_text(os.path.join(run_dir, "ckpt.pt")),
             "export": size_text(os.path.join(run_dir, "bitnerf_ternary.pt")), "val PSNR": psnr,
+            **{f"PSNR@{m:g}s": "-" if None in v else spread(v, "{:.2f}".format) for m, v in at.items()},
             "val SSIM": cell("val_ssim", "{:.3f}".format)}
 
 
@@ -213,14 +241,15 @@ def results_markdown(rows, results, args, argv, total_s, media=""):
              f"{total_s / 60:.0f} min in all; "
              f"each experiment trained {args.budget_s:.0f} s from scratch (evaluation and videos not counted); "
              f"orbits of {QUICK['video_frames'] if args.quick else VIDEO_FRAMES} frames.",
-             "", markdown(rows, COLUMNS), "",
+             "", markdown(rows, columns(args)), "",
              "samples/s counts every sample on every ray (those the occupancy grid skips too); peak memory is the "
              "resident memory of the process (rank 0 under torchrun) on CPU, allocated memory on GPU. checkpoint: "
              "`ckpt.pt` (weights, optimizer, grid); export: the 2-bit ternary file of BitNeRF runs.", "",
              f"![loss and PSNR curves]({media}curves.png)", "",
              "Curves: the training loss is rank 0's batch every LOG_EVERY steps; validation PSNR is on all held-out "
-             "views at every eighth of the budget" + (", shaded: loss min-max and PSNR ± one standard deviation over "
-                                                      "seeds" if args.seeds > 1 else "") + ".", ""]
+             "views at every eighth of the budget and at the PSNR@ times"
+             + (", shaded: loss min-max and PSNR ± one standard deviation over seeds" if args.seeds > 1 else "")
+             + ". PSNR@Ns: the PSNR on all validation views when training time passed N s.", ""]
     gifs = [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)" for exp in results]
     return "\n".join(lines) + "\n" + "\n\n".join(gifs) + "\n"
 
@@ -291,7 +320,7 @@ def run_all(args, argv):
             runs += [metrics] if metrics is not None else []
         if len(runs) == args.seeds:
             results[exp] = runs
-            rows.append(table_row(exp, runs, run_dir))
+            rows.append(table_row(exp, runs, run_dir, time_marks(args.budget_s)))
     return results, rows
 
 
@@ -305,7 +334,7 @@ def write_media(results, rows, args, argv, total_s):
                              lambda tmp, src=src: shutil.copyfile(src, tmp))
     plot_curves(results, os.path.join(args.media_dir, "curves.png"))
     write_text(results_markdown(rows, results, args, argv, total_s), os.path.join(args.media_dir, "results.md"))
-    print(markdown(rows, COLUMNS))
+    print(markdown(rows, columns(args)))
     print(f"wrote {os.path.join(args.media_dir, 'results.md')}")
     if args.readme:
         media = os.path.relpath(args.media_dir, os.path.dirname(os.path.abspath(args.readme)))

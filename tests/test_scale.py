@@ -127,19 +127,21 @@ def test_recipes_layer_over_any_preset_and_the_command_line_wins():
         cfg = apply_overrides(EXP4, [f"--recipe={name}"])
         assert {k: cfg[k] for k in recipe} == recipe and cfg["MODEL"] == "bitnerf" and cfg["RECIPE"] == name
     cfg = apply_overrides(EXP1, ["--batch_size=512", "--recipe=gpu800"])
-    assert cfg["BATCH_SIZE"] == 512 and cfg["DOWNSCALE"] == 1
+    assert cfg["BATCH_SIZE"] == 512 and cfg["DOWNSCALE"] == 1 and cfg["GRID_RES"] == RECIPES["gpu800"]["GRID_RES"]
     with pytest.raises(ConfigError, match="--recipe=huge"):
         apply_overrides(EXP1, ["--recipe=huge"])
 
 
-def test_the_full_size_recipe_trains_and_writes_its_video(tmp_path, folder):
-    res = run_cli("exp1.py", "--recipe=gpu800", f"--data={folder}", f"--out_dir={tmp_path / 'run'}", "--max_steps=3",
+@pytest.mark.parametrize("recipe", ["cpu800", "gpu800"])
+def test_the_full_size_recipes_train_and_write_their_video(tmp_path, folder, recipe):
+    res = run_cli("exp1.py", f"--recipe={recipe}", f"--data={folder}", f"--out_dir={tmp_path / 'run'}", "--max_steps=3",
                   "--time_budget_s=0", "--num_layers=2", "--emb_dim=16", "--video_frames=2", "--wandb=disabled",
                   "--device=cpu", "--batch_size=256")
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert (metrics["resolution"], metrics["background"], metrics["steps"]) == ("16x16", "white", 3)
-    assert imageio.mimread(tmp_path / "run" / "video.gif")[0].shape[:2] == (8, 8)  # VIDEO_DOWNSCALE 2
+    size = 16 // RECIPES[recipe].get("VIDEO_DOWNSCALE", 1)  # the CPU's orbit is smaller
+    assert imageio.mimread(tmp_path / "run" / "video.gif")[0].shape[:2] == (size, size)
 
 
 def test_report_with_two_seeds_gives_mean_and_spread(tmp_path):
@@ -156,3 +158,16 @@ def test_report_with_two_seeds_gives_mean_and_spread(tmp_path):
     assert json.loads((tmp_path / "exp1" / "seed1" / "config.json").read_text())["SEED"] == EXP1["SEED"] + 1
     assert "mean ± sample standard deviation over 2 seeds" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_reads_the_psnr_at_the_time_to_quality_marks(monkeypatch):
+    import report
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU's marks, on any machine
+    assert report.time_marks(600.0) == [150, 300]
+    assert {75, 150, 300, 525} <= set(report.eval_marks(600.0)) and 600 not in report.eval_marks(600.0)
+    args = argparse.Namespace(budget_s=600.0)
+    cols = report.columns(args)
+    assert cols[cols.index("val PSNR") - 2:cols.index("val PSNR")] == ["PSNR@150s", "PSNR@300s"]
+    run = {"history": [{"psnr": 20.0, "at_s": [75.0]}, {"psnr": 24.5, "at_s": [150.0]}, {"psnr": 26.0}]}
+    assert (report.psnr_at(run, 150), report.psnr_at(run, 300)) == (24.5, None)

@@ -31,18 +31,23 @@ def one_process(out_dir, steps):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def two_nodes(out_dir, steps, tmp_path):
-    """Train exp5 on two torchrun 'nodes' of one process each, rendezvousing over c10d on localhost."""
+def launch_two_nodes(out_dirs, steps, tmp_path):
+    """Run exp5 on two torchrun 'nodes' of one process each (node K writing to out_dirs[K]), rendezvousing over
+    c10d on localhost; each node's (exit code, output)."""
     port, procs = free_port(), []
-    for node in range(2):
+    for node, out_dir in enumerate(out_dirs):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
                f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
                *ARGS, f"--max_steps={steps}", f"--out_dir={out_dir}"]
         with open(tmp_path / f"node{node}.log", "w") as log:
             procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                           env={**os.environ, **ENV}))
-    for node, proc in enumerate(procs):
-        code, out = finish(proc, tmp_path / f"node{node}.log", timeout=240)
+    return [finish(proc, tmp_path / f"node{node}.log", timeout=240) for node, proc in enumerate(procs)]
+
+
+def two_nodes(out_dir, steps, tmp_path):
+    """Train exp5 on two torchrun 'nodes' sharing out_dir."""
+    for node, (code, out) in enumerate(launch_two_nodes([out_dir, out_dir], steps, tmp_path)):
         assert code == 0, (node, out[-3000:])
 
 
@@ -78,3 +83,12 @@ def test_one_process_checkpoint_resumes_on_two(reference, tmp_path):
     assert code == 0, out[-3000:]
     assert "resuming" in out
     assert_same(final_model(tmp_path / "run"), at12, atol=1e-5)
+
+
+def test_a_node_that_cannot_see_the_checkpoint_stops_the_run(reference, tmp_path):
+    at6, _ = reference
+    shutil.copytree(at6, tmp_path / "shared")  # node 0 sees the checkpoint, node 1 an empty folder of its own
+    results = launch_two_nodes([tmp_path / "shared", tmp_path / "local"], 12, tmp_path)
+    assert all(code != 0 for code, _ in results)
+    assert any("some cannot see" in out and "storage every node sees" in out for _, out in results)
+    assert torch.load(tmp_path / "shared" / "ckpt.pt", weights_only=True)["step"] == 6  # left as it was

@@ -195,8 +195,9 @@ def folder_splits(folder):
 def load_blender(folder, downscale, background, splits=("train", "val")):
     """The named splits of a nerf_synthetic scene folder ('all': every split it has, and their union); near 2,
     far 6. Only those are read: scoring 10 test views needs transforms_test.json alone, not 80 training images."""
-    names = folder_splits(folder) if "all" in splits else list(splits)
-    missing = [s for s in names if s not in folder_splits(folder)] or ([] if names else ["train"])
+    present = folder_splits(folder)
+    names = present if "all" in splits else list(splits)
+    missing = [s for s in names if s not in present] or ([] if names else ["train"])
     if missing:
         raise DataError(f"{folder}: no transforms_{missing[0]}.json; pass a nerf_synthetic scene folder such as "
                         ".../lego (training reads train and val)")

@@ -87,6 +87,11 @@ def psnr_at(run, mark):
     return next((h["psnr"] for h in run["history"] if mark in h.get("at_s", [])), None)
 
 
+def run_dir_of(args, exp, seed):
+    """Where one run of an experiment trains: OUT_DIR/exp, or OUT_DIR/exp/seedK with several seeds."""
+    return os.path.join(args.out_dir, exp, *([f"seed{seed}"] if args.seeds > 1 else []))
+
+
 def command(exp, args, run_dir, seed=0):
     """The command line that trains one experiment (with the preset's SEED plus seed) for the report."""
     script = os.path.join(ROOT, f"{exp}.py")  # run from the caller's directory: relative paths mean the same
@@ -310,7 +315,7 @@ def run_all(args, argv):
     for exp in args.exps:
         runs = []
         for seed in range(args.seeds):
-            run_dir = os.path.join(args.out_dir, exp, *([f"seed{seed}"] if args.seeds > 1 else []))
+            run_dir = run_dir_of(args, exp, seed)
             try:
                 metrics = run_experiment(exp, args, run_dir, group, seed)
             except KeyboardInterrupt:
@@ -328,7 +333,7 @@ def write_media(results, rows, args, argv, total_s):
     """The GIFs, curves and results.md (and the README block of a full report), each written atomically."""
     for exp in results:
         for name, suffix in (("video", "rgb"), ("depth", "depth")):
-            src = os.path.join(args.out_dir, exp, *(["seed0"] if args.seeds > 1 else []), f"{name}.gif")
+            src = os.path.join(run_dir_of(args, exp, 0), f"{name}.gif")
             if os.path.exists(src):
                 atomic_write(os.path.join(args.media_dir, f"{exp}_{suffix}.gif"),
                              lambda tmp, src=src: shutil.copyfile(src, tmp))

@@ -494,9 +494,11 @@ def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=N
     per_view, first = [], None
     for k in range(rank, len(views.images) if n_views is None else min(n_views, len(views.images)), world):
         rgb, depth, acc = render_view(model, views.poses[k], views, scene, cfg, grid, amp)
-        target, depth = views.images[k], depth_image(depth, acc, scene.near, scene.far)
+        target = views.images[k]
         per_view.append({"view": k, "psnr": psnr(rgb, target), "ssim": ssim(rgb, target)})
-        first = first or (rgb, target, depth)
+        if first is None or save_dir:  # the depth picture only where it is shown or saved
+            depth = depth_image(depth, acc, scene.near, scene.far)
+            first = first or (rgb, target, depth)
         if save_dir:
             imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
             imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth)

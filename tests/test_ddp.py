@@ -17,9 +17,10 @@ TINY = ["--data=synthetic", "--num_layers=4", "--num_samples=32", "--batch_size=
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def torchrun(*args, log, nproc=2, extra=()):
-    """Start `torchrun --standalone --nproc_per_node=nproc` on a script of the repo, output to log; the Popen."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra, *args]
+def torchrun(*args, log, nproc=2, extra=(), rendezvous=("--standalone",)):
+    """Start `torchrun --standalone --nproc_per_node=nproc` (or another rendezvous: one node of several) on a
+    script of the repo, output to log; the Popen."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={nproc}", *extra, *args]
     with open(log, "w") as f:  # a file, not a pipe: nobody reads a pipe while the test waits, and a full one blocks
         return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV})
 

@@ -1,15 +1,12 @@
 """More than one machine: two torchrun nodes (c10d rendezvous on localhost, gloo) take the same steps as one
 process, and a checkpoint resumes when the world size changes (2 -> 1 and 1 -> 2 processes)."""
-import os
 import shutil
 import socket
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from test_ddp import ENV, TINY, final_model, finish, torchrun
 
 # constant LR (no warm-up, no decay): a run stopped at step 6 and resumed to 12 follows the same schedule as one
@@ -34,14 +31,11 @@ def one_process(out_dir, steps):
 def launch_two_nodes(out_dirs, steps, tmp_path):
     """Run exp5 on two torchrun 'nodes' of one process each (node K writing to out_dirs[K]), rendezvousing over
     c10d on localhost; each node's (exit code, output)."""
-    port, procs = free_port(), []
-    for node, out_dir in enumerate(out_dirs):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               f"--node_rank={node}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test",
-               *ARGS, f"--max_steps={steps}", f"--out_dir={out_dir}"]
-        with open(tmp_path / f"node{node}.log", "w") as log:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                          env={**os.environ, **ENV}))
+    port = free_port()
+    procs = [torchrun(*ARGS, f"--max_steps={steps}", f"--out_dir={out_dir}", log=tmp_path / f"node{node}.log", nproc=1,
+                      rendezvous=("--nnodes=2", f"--node_rank={node}", "--rdzv-backend=c10d",
+                                  f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=test"))
+             for node, out_dir in enumerate(out_dirs)]
     return [finish(proc, tmp_path / f"node{node}.log", timeout=240) for node, proc in enumerate(procs)]
 
 

@@ -82,6 +82,9 @@ def mlp_flops_per_point(model, backward=True):
     from nerf import encoded_dim
 
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not hasattr(model, "skips"):  # a HashNeRF: every Linear needs its input gradient (the table learns)
+        forward = sum(2 * m.in_features * m.out_features for m in linears)
+        return 3 * forward if backward else forward
     reading = linears[0].out_features * (1 + len(model.skips))  # outputs of the layers that read the encoding
     pad = model.in_dim - encoded_dim(model.pos_encode_dims)  # zero columns: computed (forward, weight grad), no use
     forward = sum(2 * m.in_features * m.out_features for m in linears) - 2 * pad * reading
@@ -216,9 +219,7 @@ def run_child(args, overrides):
         row["infer_samples_per_s"] = round(inference_samples_per_s(model, cfg, device))
         if cfg["MODEL"] == "bitnerf":  # and the exported ternary model, as eval.py runs it
             from bitnerf import export_ternary, load_ternary
-            from nerf import model_kwargs
-
-            exported = load_ternary(export_ternary(model, {}), model_kwargs(cfg)).to(device)
+            exported = load_ternary(export_ternary(model, {}), cfg).to(device)
             row["export_infer_samples_per_s"] = round(inference_samples_per_s(exported, cfg, device))
         metrics = train.train(cfg)
         row.update(rays_per_s=metrics["rays_per_s"], samples_per_s=metrics["samples_per_s"])

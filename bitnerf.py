@@ -4,15 +4,18 @@ Hidden layers train with torchao's `bitnet_training`: weights are ternary {-s, 0
 tensor) and activations int8 per row in the forward pass, full-precision latent weights in the optimizer.
 The output head (EMB_DIM -> 4) stays full precision: under 1% of the weights, and its 4 outputs are too narrow
 for int8 matmul kernels. The encoded input is zero-padded to a multiple of 8 (63 -> 64) by nerf.py.
+Under ENCODING=hash (BitHashNeRF) the hash table trains fake-quantized to HASH_TABLE_BITS-bit integers (a scale
+per feature and level, straight-through gradient) and is exported as those integers, packed.
 """
 import io
 import os
+import zlib
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nerf import NeRF, model_kwargs
+from nerf import HashEncoding, HashNeRF, NeRF, model_kwargs
 from utils import save_checkpoint
 
 EXPORT_FORMAT = "bitnerf-ternary-v1"
@@ -21,21 +24,85 @@ EXPORT_KEYS = ("DATA", "DOWNSCALE", "BACKGROUND", "NUM_SAMPLES", "NUM_FINE", "OC
                "SEED", "CHUNK", "ERT_TRANSMITTANCE", "DTYPE")
 
 
+def norm_linear(in_dim, out_dim):
+    """RMSNorm then Linear: BitNet normalises what it quantizes to int8 (no gain, as in BitNet's SimpleRMSNorm)."""
+    return nn.Sequential(nn.RMSNorm(in_dim, elementwise_affine=False), nn.Linear(in_dim, out_dim))
+
+
 class BitNeRF(NeRF):
     """NeRF whose hidden layers are RMSNorm -> Linear blocks."""
 
     def hidden_layer(self, in_dim, out_dim):
-        """RMSNorm then Linear: BitNet normalises what it quantizes to int8 (no gain, as in BitNet's SimpleRMSNorm)."""
-        return nn.Sequential(nn.RMSNorm(in_dim, elementwise_affine=False), nn.Linear(in_dim, out_dim))
+        """An RMSNorm -> Linear block."""
+        return norm_linear(in_dim, out_dim)
 
     def skip_layer(self, layer, h, x):
         """layer([h, x]): the RMSNorm needs the whole concatenated row."""
         return layer(torch.cat([h, x], dim=-1))
 
 
+def table_codes(table, sizes, bits):
+    """Symmetric integer codes (F, rows) in [-(2^(bits-1) - 1), 2^(bits-1) - 1] of a hash table, and their scales
+    (F, levels): each level's absmax per feature over the largest code, so no entry is clipped."""
+    top = 2 ** (bits - 1) - 1
+    scales = torch.stack([level.abs().amax(1) for level in table.split(sizes, 1)], 1) / top
+    per_row = scales.clamp_min(1e-12).repeat_interleave(torch.tensor(sizes, device=table.device), 1)
+    return (table / per_row).round().clamp(-top, top), scales
+
+
+class FakeQuantTable(torch.autograd.Function):
+    """The table as its dequantized integer codes; the gradient passes straight through (STE)."""
+
+    @staticmethod
+    def forward(ctx, table, sizes, bits):
+        codes, scales = table_codes(table, sizes, bits)
+        return codes * scales.repeat_interleave(torch.tensor(sizes, device=table.device), 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class QuantizedHashEncoding(HashEncoding):
+    """A HashEncoding whose lookups read the table fake-quantized to `bits`-bit integers."""
+
+    def __init__(self, *args, bits=4):
+        super().__init__(*args)
+        self.bits = bits
+
+    def lookup_table(self):
+        """The dequantized codes: what the export stores, so the exported model renders as training did."""
+        return FakeQuantTable.apply(self.table, self.sizes, self.bits)
+
+
+class BitHashNeRF(HashNeRF):
+    """HashNeRF with RMSNorm -> Linear hidden blocks (ternary under QAT) and a low-bit table."""
+
+    def __init__(self, hash_table_bits=4, **kwargs):
+        self.table_bits = hash_table_bits  # before nn.Module's init: make_encoding reads it; a plain int is allowed
+        super().__init__(**kwargs)
+
+    def make_encoding(self, *args):
+        """A QuantizedHashEncoding of HASH_TABLE_BITS bits."""
+        return QuantizedHashEncoding(*args, bits=self.table_bits)
+
+    def hidden_layer(self, in_dim, out_dim):
+        """An RMSNorm -> Linear block."""
+        return norm_linear(in_dim, out_dim)
+
+
+def bitnerf_model(cfg):
+    """The (not yet quantized) BitNeRF or BitHashNeRF a config describes."""
+    if cfg["ENCODING"] == "hash":
+        return BitHashNeRF(hash_table_bits=cfg["HASH_TABLE_BITS"], **model_kwargs(cfg))
+    return BitNeRF(**model_kwargs(cfg))
+
+
 def ternary_linears(model):
-    """(name, Linear) of every hidden Linear that is trained and exported ternary."""
-    return [(f"layers.{i}.1", block[1]) for i, block in enumerate(model.layers)]
+    """(name, Linear) of every hidden Linear that is trained and exported ternary: the Linear of each
+    RMSNorm -> Linear block, in the model's order."""
+    return [(f"{name}.1", block[1]) for name, block in model.named_modules()
+            if isinstance(block, nn.Sequential) and len(block) == 2 and isinstance(block[0], nn.RMSNorm)]
 
 
 def fp32_gemm_is_exact(a_i8):
@@ -92,17 +159,42 @@ def ternarize(weight):
     return (w / scale.clamp_min(1e-5)).round().clamp(-1, 1).to(torch.int8), scale
 
 
+def pack_bits(q, bits):
+    """Integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (any shape; bits 2, 4 or 8) -> uint8, 8 / bits codes
+    (value + 2^(bits-1) - 1) per byte, the first in the low bits."""
+    per_byte = 8 // bits
+    codes = (q.reshape(-1) + 2 ** (bits - 1) - 1).to(torch.uint8)
+    codes = F.pad(codes, (0, -len(codes) % per_byte)).view(-1, per_byte)
+    packed = codes[:, 0].clone()
+    for i in range(1, per_byte):
+        packed |= codes[:, i] << i * bits
+    return packed
+
+
+def unpack_bits(packed, shape, bits):
+    """Inverse of pack_bits: int8 values of the given shape."""
+    codes = torch.stack([packed >> s & 2 ** bits - 1 for s in range(0, 8, bits)], dim=-1).reshape(-1)
+    return (codes[: torch.Size(shape).numel()].to(torch.int16) - (2 ** (bits - 1) - 1)).to(torch.int8).view(shape)
+
+
+def deflate(packed):
+    """uint8 bytes zlib-compressed, as a uint8 tensor: a trained table's codes are mostly near 0 (empty space)."""
+    return torch.frombuffer(bytearray(zlib.compress(packed.numpy().tobytes(), 9)), dtype=torch.uint8)
+
+
+def inflate(compressed):
+    """Inverse of deflate."""
+    return torch.frombuffer(bytearray(zlib.decompress(compressed.numpy().tobytes())), dtype=torch.uint8)
+
+
 def pack_ternary(q):
     """int8 values in {-1, 0, 1} (any shape) -> uint8, four 2-bit codes (value + 1) per byte."""
-    codes = (q.reshape(-1) + 1).to(torch.uint8)
-    codes = F.pad(codes, (0, -len(codes) % 4)).view(-1, 4)
-    return codes[:, 0] | codes[:, 1] << 2 | codes[:, 2] << 4 | codes[:, 3] << 6
+    return pack_bits(q, 2)
 
 
 def unpack_ternary(packed, shape):
     """Inverse of pack_ternary: int8 values in {-1, 0, 1} of the given shape."""
-    codes = torch.stack([packed >> s & 3 for s in (0, 2, 4, 6)], dim=-1).reshape(-1)
-    return (codes[: torch.Size(shape).numel()].to(torch.int8) - 1).view(shape)
+    return unpack_bits(packed, shape, 2)
 
 
 def int8_rows(x):
@@ -133,46 +225,56 @@ class TernaryLinear(nn.Module):
 
 def export_ternary(model, config, rest_dtype=torch.float16):
     """The export dict (loads with weights_only=True): the ternary weights 2-bit packed in one buffer, their
-    fp32 scales, every other parameter (biases, output head) in one rest_dtype buffer, and the config.
+    fp32 scales, every other parameter (biases, output head) in one rest_dtype buffer, and the config; a hash
+    table as its integer codes, packed and deflated, and their fp32 scales (F, levels).
 
     Tensor names and shapes follow from the config, so they are not stored (each stored tensor or string costs
     bytes in a file of a few kB). Works on copies: the model and its training are left untouched.
     """
     ternary = {f"{name}.weight" for name, _ in ternary_linears(model)}
-    packed, scales, rest = [], [], []
+    packed, scales, rest, table = [], [], [], {}
     for key, value in model.state_dict().items():
         value = plain(value).detach().float().cpu()
         if key in ternary:
             q, scale = ternarize(value)
             packed.append(pack_ternary(q)), scales.append(scale)
+        elif key == "encoding.table":
+            codes, table_scales = table_codes(value, model.encoding.sizes, model.encoding.bits)
+            table = {"table": deflate(pack_bits(codes, model.encoding.bits)), "table_scales": table_scales}
         else:
             rest.append(value.reshape(-1))
     return {"format": EXPORT_FORMAT, "config": config, "packed": torch.cat(packed), "scales": torch.stack(scales),
-            "rest": torch.cat(rest).to(rest_dtype)}
+            "rest": torch.cat(rest).to(rest_dtype), **table}
 
 
-def load_ternary(export, model_kwargs):
-    """A BitNeRF inference model (eval mode, CPU) running from an export dict."""
-    model = BitNeRF(**model_kwargs)
+def load_ternary(export, cfg):
+    """A BitNeRF (BitHashNeRF) inference model (eval mode, CPU) running from an export dict of the model cfg
+    describes."""
+    model = bitnerf_model(cfg)
     layers = ternary_linears(model)
     sizes = [-(-linear.weight.numel() // 4) for _, linear in layers]
     for (name, linear), packed, scale in zip(layers, export["packed"].split(sizes), export["scales"], strict=True):
         model.get_submodule(name.rsplit(".", 1)[0])[1] = TernaryLinear(packed, scale, tuple(linear.weight.shape))
-    state = model.state_dict()  # the TernaryLinears' biases and the other parameters, in export order
+    state = {k: v for k, v in model.state_dict().items() if k != "encoding.table"}  # in export order
     values = export["rest"].float().split([v.numel() for v in state.values()])
-    model.load_state_dict({k: v.view_as(state[k]) for k, v in zip(state, values, strict=True)})
+    weights = {k: v.view_as(state[k]) for k, v in zip(state, values, strict=True)}
+    if "table" in export:  # the codes dequantized: fake-quant gives them back as they are
+        encoding = model.encoding
+        codes = unpack_bits(inflate(export["table"]), encoding.table.shape, encoding.bits).float()
+        weights["encoding.table"] = codes * export["table_scales"].repeat_interleave(torch.tensor(encoding.sizes), 1)
+    model.load_state_dict(weights)
     return model.eval()
 
 
 def build_bitnerf(cfg, device):
     """The BitNeRF a config describes, on device, its hidden Linears quantized for QAT."""
-    return quantize_for_training(BitNeRF(**model_kwargs(cfg)).to(device))
+    return quantize_for_training(bitnerf_model(cfg).to(device))
 
 
 def export_bitnerf(model, cfg, path):
     """Write the ternary export of a BitNeRF to path; returns its size and that of the fp32 weights, in bytes."""
     legacy = dict(_use_new_zipfile_serialization=False)  # the zip format costs ~1.4 kB more in a file of a few kB
-    keep = (*EXPORT_KEYS, *(k.upper() for k in model_kwargs(cfg)))
+    keep = (*EXPORT_KEYS, "ENCODING", "HASH_TABLE_BITS", *(k.upper() for k in model_kwargs(cfg)))
     save_checkpoint(export_ternary(model, {k: cfg[k] for k in keep}), path, **legacy)
     fp32 = io.BytesIO()
     torch.save({k: v.float() for k, v in plain_state(model.state_dict()).items()}, fp32, **legacy)

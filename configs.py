@@ -19,12 +19,21 @@ EXP1 = {
     "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume
     # model (nerf.py, bitnerf.py)
     "MODEL": "nerf",             # 'nerf' (fp32 weights) or 'bitnerf' (RMSNorm + BitNet b1.58 ternary QAT and export)
+    "ENCODING": "frequency",     # xyz: 'frequency' (sin/cos into the NUM_LAYERS MLP) or 'hash' (Instant-NGP's grid)
     "POS_ENCODE_DIMS": 10,       # positional-encoding frequencies of xyz (input itself included on top)
     "NUM_LAYERS": 8,             # hidden ReLU layers; the encoded input is concatenated back every 4
     "EMB_DIM": 64,               # width of each hidden layer
     "USE_VIEWDIRS": False,       # also feed the view direction (for view-dependent colour)
     "DIR_ENCODE_DIMS": 4,        # positional-encoding frequencies of the view direction
     "DENSITY_ACT": "relu",       # density activation: 'relu' (the original code's) or 'softplus' (never dies; slower)
+    "HASH_LEVELS": 12,           # hash: grid levels, from HASH_BASE_RES to HASH_FINEST_RES in geometric steps
+    "HASH_LOG2_SIZE": 15,        # hash: log2 of the entries of each level's table (a level whose grid fits is dense)
+    "HASH_FEATURES": 2,          # hash: learned features per table entry
+    "HASH_BASE_RES": 16,         # hash: grid resolution of the coarsest level (cells per axis of the scene cube)
+    "HASH_FINEST_RES": 256,      # hash: grid resolution of the finest level
+    "DENSITY_LAYERS": 1,         # hash: hidden layers (width EMB_DIM) of the density MLP, which outputs 16 values
+    "COLOR_LAYERS": 2,           # hash: hidden layers (width EMB_DIM) of the colour MLP
+    "HASH_TABLE_BITS": 4,        # hash + bitnerf: the table trains fake-quantized to, and exports as, 2, 4 or 8 bits
     # rendering (utils.py)
     "NUM_SAMPLES": 64,           # stratified samples per ray between the scene's near and far bounds
     "NUM_FINE": 0,               # extra samples per ray drawn where a no-grad first pass found density (0 = one pass)
@@ -36,7 +45,9 @@ EXP1 = {
     "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)
     # optimisation
     "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
-    "LR": 2e-3,                  # peak AdamW learning rate
+    "LR": 2e-3,                  # peak AdamW learning rate (of the MLP, under ENCODING=hash)
+    "HASH_LR": 1e-2,             # hash: peak learning rate of the table (the same schedule, scaled by HASH_LR / LR)
+    "ADAM_EPS": 1e-8,            # AdamW epsilon (1e-15 for a hash table, as Instant-NGP: rare entries keep full steps)
     "MIN_LR": 5e-5,              # learning rate at the end of the cosine decay
     "WARMUP_STEPS": 100,         # linear warm-up steps
     "WEIGHT_DECAY": 0.0,         # AdamW decoupled weight decay
@@ -82,7 +93,12 @@ EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4", "MODEL": "bitnerf",
 # BATCH_SIZE stays the global batch (each of N processes renders BATCH_SIZE / N rays), so the LR is unchanged.
 EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5", "LAUNCH": "torchrun"}
 EXP6 = {**EXP4, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6", "LAUNCH": "torchrun"}
-PRESETS = {cfg["EXPERIMENT"]: cfg for cfg in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6)}
+# exp7: Instant-NGP's multiresolution hash encoding and small MLP in place of the frequency encoding: Adam at 1e-2
+# with epsilon 1e-15 for table and MLP, as the paper; coarse -> fine samples and view directions (spherical
+# harmonics) each paid over 1 dB in 5 minutes. Design and measurements: docs/hash.md.
+EXP7 = {**EXP1, "EXPERIMENT": "exp7", "OUT_DIR": "out/exp7", "ENCODING": "hash", "LR": 1e-2, "HASH_LR": 1e-2,
+        "ADAM_EPS": 1e-15, "NUM_FINE": 16, "USE_VIEWDIRS": True}
+PRESETS = {cfg["EXPERIMENT"]: cfg for cfg in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, EXP7)}
 
 # Recipes: a layer over any preset for nerf_synthetic views larger than the presets' 100 px, e.g.
 #   python exp1.py --recipe=cpu200 --data=../shared/data/nerf_synthetic/lego
@@ -102,16 +118,17 @@ RECIPES = {
                "EMB_DIM": 256},
 }
 
-CHOICES = {"MODEL": ("nerf", "bitnerf"), "DENSITY_ACT": ("relu", "softplus"),
+CHOICES = {"MODEL": ("nerf", "bitnerf"), "ENCODING": ("frequency", "hash"), "DENSITY_ACT": ("relu", "softplus"),
            "DTYPE": ("float32", "bfloat16", "float16"), "DEVICE": ("auto", "cpu", "cuda"),
            "LAUNCH": ("python", "torchrun"), "BACKGROUND": ("white", "black"), "DDP_BACKEND": ("auto", "nccl", "gloo"),
            "NONFINITE": ("stop", "skip"), "WANDB": ("auto", "online", "offline", "disabled"),
            "RECIPE": tuple(RECIPES)}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
-            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES", "VIDEO_DOWNSCALE")
+            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES", "VIDEO_DOWNSCALE",
+            "HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS")
 NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR",
                 "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES",
-                "VIDEO_EVERY")
+                "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS")
 
 
 def parse_value(key, text, default):
@@ -149,6 +166,13 @@ def check_config(cfg):
         raise ConfigError(f"--ert_transmittance={cfg['ERT_TRANSMITTANCE']}: must be below 1 "
                           "(1e-4 is a good value; 0 = off)")
     eval_at_seconds(cfg)
+    if cfg["HASH_FINEST_RES"] < cfg["HASH_BASE_RES"]:
+        raise ConfigError(f"--hash_finest_res={cfg['HASH_FINEST_RES']} is below --hash_base_res="
+                          f"{cfg['HASH_BASE_RES']}; raise it")
+    if cfg["HASH_TABLE_BITS"] not in (2, 4, 8):
+        raise ConfigError(f"--hash_table_bits={cfg['HASH_TABLE_BITS']}: must be 2, 4 or 8")
+    if not 8 <= cfg["HASH_LOG2_SIZE"] <= 24:
+        raise ConfigError(f"--hash_log2_size={cfg['HASH_LOG2_SIZE']}: must be 8 ... 24 (Instant-NGP uses 14 ... 24)")
     if cfg["MIN_LR"] > cfg["LR"]:
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
 

@@ -16,7 +16,6 @@ import time
 from bitnerf import EXPORT_FORMAT, load_ternary
 from configs import UserError
 from dataset import folder_splits, load_scene, protocol
-from nerf import model_kwargs
 from train import autocast_context, build_model, resolve_device
 from utils import (
     build_grid,
@@ -40,7 +39,7 @@ def default_split(data_arg, data):
 def load_model(ckpt, cfg, device, path):
     """The checkpoint's model (or the export's ternary model) on device."""
     if ckpt.get("format") == EXPORT_FORMAT:
-        return load_ternary(ckpt, model_kwargs(cfg)).to(device)
+        return load_ternary(ckpt, cfg).to(device)
     model = build_model(cfg, device)
     load_weights(model, ckpt["model"], path)
     return model

@@ -7,7 +7,7 @@ Each experiment trains from scratch in its own run directory (a preset with LAUN
 training time passes an eighth of the budget (the PSNR curve) and at the end. With --seeds=N each experiment
 trains N times (SEED 0 .. N-1): the table gives mean +- standard deviation, the curves their spread. Once all
 have run, their 360-degree orbit and depth GIFs, the table and the curves are written to the media directory.
-A full report (all six, not --quick) writes media/ and rewrites the README's results block; --only and --quick
+A full report (every preset, not --quick) writes media/ and rewrites the README's results block; --only and --quick
 write theirs under the run directory instead. --quick (a few seconds per experiment) checks that the pipeline
 works. Ctrl-C stops the running experiment at its checkpoint and writes nothing to the media directory.
 """

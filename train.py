@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
 from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
 from dataset import load_scene, protocol, resolve_data, sample_batch
-from nerf import NeRF, model_kwargs
+from nerf import model_class, model_kwargs
 from utils import (
     Rays,
     Shard,
@@ -119,15 +119,27 @@ def build_optimizer(cfg, model, device, graphed=False):
 
     A CUDA graph needs the fused, capturable one: it keeps its step counts on the GPU and can skip a step there.
     """
-    kwargs = dict(lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], amsgrad=cfg["AMSGRAD"])
+    kwargs = dict(lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], amsgrad=cfg["AMSGRAD"], eps=cfg["ADAM_EPS"])
+    groups = parameter_groups(cfg, model)
     if graphed:
-        return torch.optim.AdamW(model.parameters(), fused=True, capturable=True, **kwargs)
+        return torch.optim.AdamW(groups, fused=True, capturable=True, **kwargs)
     if cfg["FUSED_OPTIM"]:
         try:
-            return torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
         except (RuntimeError, TypeError) as e:  # torch says which device or dtype it lacks
             print(f"notice: fused AdamW unavailable on {device.type} ({e}); using the plain one", file=sys.stderr)
-    return torch.optim.AdamW(model.parameters(), foreach=True, **kwargs)  # on CPU the default loops over tensors
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)  # on CPU the default loops over tensors
+
+
+def parameter_groups(cfg, model):
+    """AdamW's parameter groups, each with its lr_scale (its peak LR over LR): a hash table at HASH_LR, without
+    weight decay (a decayed entry forgets what the rays seldom reach), and the rest at LR."""
+    table = [p for n, p in model.named_parameters() if n.endswith("encoding.table")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("encoding.table")]
+    if not table:
+        return [{"params": rest, "lr_scale": 1.0}]
+    return [{"params": rest, "lr_scale": 1.0},
+            {"params": table, "lr_scale": cfg["HASH_LR"] / cfg["LR"], "weight_decay": 0.0}]
 
 
 def capture_training_step(loss_and_grads, optimizer, generator, warmup=3):
@@ -213,17 +225,26 @@ def learning_rate(cfg, step, frac):
     return cfg["MIN_LR"] + 0.5 * (cfg["LR"] - cfg["MIN_LR"]) * (1 + math.cos(math.pi * frac))
 
 
+def skips_zero_density(cfg):
+    """Whether training leaves out samples of zero density: asked for, and the density can be zero (a ReLU; the
+    hash model's exp density never is)."""
+    return cfg["SKIP_ZERO_DENSITY"] and cfg["DENSITY_ACT"] == "relu" and cfg["ENCODING"] == "frequency"
+
+
 def build_model(cfg, device):
     """The NeRF or BitNeRF (quantized for QAT) a config describes, on device, seeded for a reproducible init."""
     torch.manual_seed(cfg["SEED"])
     if cfg["MODEL"] == "bitnerf":
         return build_bitnerf(cfg, device)
-    return NeRF(**model_kwargs(cfg)).to(device)
+    return model_class(cfg)(**model_kwargs(cfg)).to(device)
 
 
 def checkpoint_shape(cfg):
     """What a checkpoint must match to be resumed or evaluated: the model's and the grid's shapes."""
-    return {"model": cfg["MODEL"], **model_kwargs(cfg), "grid_res": cfg["GRID_RES"] if cfg["OCC_GRID"] else None}
+    shape = {"model": cfg["MODEL"], "encoding": cfg["ENCODING"], **model_kwargs(cfg)}
+    if cfg["MODEL"] == "bitnerf" and cfg["ENCODING"] == "hash":
+        shape["hash_table_bits"] = cfg["HASH_TABLE_BITS"]
+    return {**shape, "grid_res": cfg["GRID_RES"] if cfg["OCC_GRID"] else None}
 
 
 def compile_model(cfg, model, device, amp):
@@ -260,7 +281,7 @@ def export_and_evaluate(model, cfg, views, scene, grid, amp, out_dir):
     """Export a BitNeRF to OUT_DIR/bitnerf_ternary.pt, reload the file and evaluate it as exported."""
     path = os.path.join(out_dir, "bitnerf_ternary.pt")
     size, fp32_size = export_bitnerf(model, cfg, path)
-    exported = load_ternary(torch.load(path, weights_only=True), model_kwargs(cfg)).to(views.poses.device)
+    exported = load_ternary(torch.load(path, weights_only=True), cfg).to(views.poses.device)
     scores, _ = evaluate_views(exported, views, scene, cfg, rebuild_grid(exported, cfg, scene, views.poses.device), amp)
     print(f"export: {path}, {size} bytes ({fp32_size / size:.1f}x smaller than fp32), val PSNR {scores['psnr']:.2f} dB",
           file=sys.stderr)
@@ -444,7 +465,7 @@ class Trainer:
             rgb, _, acc = render_rays(self.net, rays, self.scene.near, self.scene.far, cfg["NUM_SAMPLES"],
                                       self.scene.background, Shard(self.generator, lo, cfg["BATCH_SIZE"]), self.grid,
                                       cfg["NUM_FINE"], fixed_shapes=self.graphed,
-                                      skip_zero_density=cfg["SKIP_ZERO_DENSITY"] and cfg["DENSITY_ACT"] == "relu")
+                                      skip_zero_density=skips_zero_density(cfg))
         mse = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
         reg = cfg["OPACITY_REG"] * (acc * (1 - acc)).mean() if cfg["OPACITY_REG"] else torch.zeros_like(mse)
         loss = mse + reg if cfg["OPACITY_REG"] else mse
@@ -457,12 +478,14 @@ class Trainer:
         return self.state.step >= self.cfg["MAX_STEPS"] or 0 < self.cfg["TIME_BUDGET_S"] <= self.state.train_seconds
 
     def set_learning_rate(self, lr):
-        """Set every parameter group's learning rate (the graph reads it from the tensor it captured)."""
+        """Set every parameter group's learning rate, lr times its lr_scale (the graph reads it from the tensor it
+        captured)."""
         for group in self.optimizer.param_groups:
+            scaled = lr * group.get("lr_scale", 1.0)  # a checkpoint's groups from before lr_scale lack it
             if self.graph is not None:
-                group["lr"].fill_(lr)
+                group["lr"].fill_(scaled)
             else:
-                group["lr"] = lr
+                group["lr"] = scaled
 
     def update_grid(self):
         """Every GRID_EVERY steps, measure the model's density in the occupancy grid (all cells early, then a quarter).

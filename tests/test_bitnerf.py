@@ -20,7 +20,7 @@ from bitnerf import (
     ternary_linears,
     unpack_ternary,
 )
-from configs import EXP4
+from configs import EXP1, EXP4
 from conftest import run_cli
 
 
@@ -89,11 +89,12 @@ def test_pack_unpack_round_trips_exactly(n):
 
 
 def export_round_trip(model, rest_dtype):
-    """Export to bytes, load with weights_only=True, and build the inference model."""
+    """Export to bytes, load with weights_only=True, and build the inference model (qat_model()'s shape: EXP1's
+    model keys are BitNeRF's defaults)."""
     buf = io.BytesIO()
     torch.save(export_ternary(model, {}, rest_dtype), buf, _use_new_zipfile_serialization=False)
     buf.seek(0)
-    return load_ternary(torch.load(buf, weights_only=True), {}), len(buf.getvalue())
+    return load_ternary(torch.load(buf, weights_only=True), EXP1), len(buf.getvalue())
 
 
 def test_exported_model_reproduces_the_qat_model_and_leaves_it_untouched():

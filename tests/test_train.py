@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train
-from configs import UserError
+from configs import EXP7, UserError
 from conftest import FAST, ROOT, one_line_error, run_cli
 
 
@@ -27,7 +27,10 @@ def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
     assert ckpt["step"] == 300 and set(ckpt) >= {"model", "optimizer", "generator", "config"}
 
 
-def test_resume_after_interruption_gives_the_same_parameters(small_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("encoding", ["frequency", "hash"])
+def test_resume_after_interruption_gives_the_same_parameters(encoding, small_cfg, tmp_path, monkeypatch):
+    if encoding == "hash":  # exp7's model and optimiser (two parameter groups, epsilon 1e-15), a small table
+        small_cfg.update({k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}, HASH_LOG2_SIZE=12)
     straight = {**small_cfg, "OUT_DIR": str(tmp_path / "straight")}
     train.train(straight)
     expected = torch.load(os.path.join(straight["OUT_DIR"], "ckpt.pt"), weights_only=True)

@@ -1,0 +1,169 @@
+"""exp7: the multiresolution hash encoding (indices, interpolation, gradient), the hash model against the frequency
+one, BF16, torch.compile, the BitNeRF-hash export and eval.py (resume: test_train)."""
+import io
+import json
+
+import pytest
+import torch
+
+import train
+from bitnerf import build_bitnerf, export_ternary, load_ternary, table_codes
+from configs import EXP7
+from conftest import run_cli, small
+from nerf import HashEncoding, HashNeRF, level_resolutions
+
+
+def encoding():
+    """Two levels, bound 1: resolution 4 dense (5^3 = 125 rows <= 2^12) and 32 hashed (33^3 > 2^12)."""
+    torch.manual_seed(0)
+    enc = HashEncoding(levels=2, log2_size=12, features=2, base_res=4, finest_res=32, bound=1.0)
+    with torch.no_grad():
+        enc.table.normal_()
+    return enc
+
+
+def at_grid(level_res, i, j, k):
+    """The scene point at grid coordinates (i, j, k) of a level of that resolution (bound 1)."""
+    return torch.tensor([[i, j, k]], dtype=torch.float32) / level_res * 2 - 1
+
+
+def spatial_hash(x, y, z, log2_size):
+    """Mueller et al.'s hash, in Python integers: xor of the coordinates times the primes, mod 2^log2_size."""
+    return ((x * 1) ^ (y * 2654435761) ^ (z * 805459861)) % 2 ** 32 % 2 ** log2_size
+
+
+def test_level_resolutions_grow_geometrically_from_base_to_finest():
+    assert level_resolutions(2, 4, 32) == [4, 32]
+    assert level_resolutions(12, 16, 256)[0] == 16 and level_resolutions(12, 16, 256)[-1] == 256
+
+
+def test_dense_indices_are_the_grid_index_and_hashed_ones_the_formula():
+    enc = encoding()
+    assert enc.dense_levels == 1 and enc.sizes == [125, 4096]
+    for i, j, k in [(0, 0, 0), (1, 2, 3), (3, 3, 3), (2, 0, 1)]:
+        xyz = at_grid(4, i + 0.3, j + 0.6, k + 0.1)  # inside cell (i, j, k) of level 0, (8i+2, 8j+4, 8k+0) of level 1
+        idx, _ = enc.corners(xyz)
+        for c in range(8):
+            a, b, d = c >> 2 & 1, c >> 1 & 1, c & 1
+            assert idx[c, 0, 0] == (i + a) + (j + b) * 5 + (k + d) * 25
+            x, y, z = 8 * i + 2 + a, 8 * j + 4 + b, 8 * k + d
+            assert idx[c, 0, 1] == 125 + spatial_hash(x, y, z, 12), (i, j, k, c)
+
+
+def test_interpolation_is_exact_at_corners_and_linear_along_an_edge():
+    enc = encoding()
+    vertex = at_grid(32, 8, 16, 24)  # a vertex of both levels: (1, 2, 3) of level 0
+    idx, _ = enc.corners(vertex)
+    with torch.no_grad():
+        at_vertex = enc(vertex).view(2, 2)  # (level, feature)
+        lo, hi = at_grid(32, 5, 7, 11), at_grid(32, 6, 7, 11)  # an edge of a level-1 cell, inside a level-0 cell
+        t = torch.linspace(0, 1, 9)[:, None]
+        ends, along = enc(torch.cat([lo, hi])), enc(lo + t * (hi - lo))
+    for level in range(2):
+        torch.testing.assert_close(at_vertex[level], enc.table[:, idx[0, 0, level]])  # its own entry, weight 1
+    torch.testing.assert_close(along, (1 - t) * ends[0] + t * ends[1])  # every level is linear along a cell's edge
+
+
+def test_a_backward_pass_writes_gradient_only_to_the_8_corners_of_each_level():
+    enc = encoding()
+    xyz = torch.tensor([[0.123, -0.456, 0.789], [-0.31, 0.27, -0.66]])
+    idx, weights = enc.corners(xyz)
+    enc(xyz[:1]).sum().backward()
+    touched = set(idx[:, 0].flatten().tolist())
+    assert len(touched) == 16 and set(enc.table.grad[0].nonzero().flatten().tolist()) == touched
+    expected = torch.zeros(enc.table.shape[1]).index_add_(0, idx[:, 0].flatten(), weights[:, 0].flatten())
+    torch.testing.assert_close(enc.table.grad[0], expected)  # each corner's gradient is its trilinear weight
+    torch.testing.assert_close(enc.table.grad[1], expected)
+    out = enc(xyz)  # and the forward pass is the weighted sum of the corners' entries
+    naive = (enc.table[:, idx] * weights).sum(1).permute(1, 2, 0).flatten(1)  # (N, levels x features)
+    torch.testing.assert_close(out, naive)
+
+
+def hash_cfg(out_dir, **overrides):
+    """small() with exp7's encoding and optimiser."""
+    keys = ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")
+    return {**small(out_dir), **{k: EXP7[k] for k in keys}, "HASH_LOG2_SIZE": 14, "HASH_LEVELS": 8, **overrides}
+
+
+def test_the_hash_model_beats_the_frequency_model_in_the_same_steps(tmp_path):
+    steps = {"MAX_STEPS": 200, "EVAL_VIEWS": 4}
+    freq = train.train({**small(tmp_path / "freq"), **steps})
+    hashed = train.train(hash_cfg(tmp_path / "hash", **steps))
+    assert hashed["val_psnr"] > freq["val_psnr"] + 1.0, (hashed["val_psnr"], freq["val_psnr"])  # 19.5 vs 17.6 dB
+
+
+def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
+    torch.manual_seed(0)
+    model = HashNeRF(hash_levels=4, hash_log2_size=12, use_viewdirs=True)
+    xyz, d = torch.rand(64, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(64, 3), dim=-1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.encoding(xyz)
+        rgb, sigma = model(xyz, d)
+    assert features.dtype == torch.float32 and sigma.dtype == torch.float32
+    (rgb.float().sum() + sigma.sum()).backward()
+    assert model.encoding.table.grad.dtype == torch.float32 and model.encoding.table.grad.abs().sum() > 0
+    metrics = train.train(hash_cfg(tmp_path / "bf16", DTYPE="bfloat16", MAX_STEPS=20))
+    assert metrics["val_psnr"] > 10  # it trains to a finite, rising image (it starts near 5 dB black)
+
+
+def test_the_compiled_hash_model_equals_the_eager_one():
+    torch.manual_seed(0)
+    model = HashNeRF(hash_levels=4, hash_log2_size=12)
+    xyz = torch.rand(256, 3) * 2 - 1
+    eager_rgb, eager_sigma = model(xyz)
+    (eager_rgb.sum() + eager_sigma.sum()).backward()
+    eager_grad = model.encoding.table.grad.clone()
+    model.zero_grad()
+    rgb, sigma = torch.compile(model)(xyz)
+    (rgb.sum() + sigma.sum()).backward()
+    torch.testing.assert_close(rgb, eager_rgb)
+    torch.testing.assert_close(sigma, eager_sigma)
+    torch.testing.assert_close(model.encoding.table.grad, eager_grad)
+
+
+def bit_hash_cfg(bits):
+    """A BitNeRF-hash config of a small table, bits per table entry."""
+    return {**EXP7, "MODEL": "bitnerf", "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "HASH_TABLE_BITS": bits,
+            "USE_VIEWDIRS": True}
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_bitnerf_hash_export_round_trips_with_weights_only(bits):
+    cfg = bit_hash_cfg(bits)
+    torch.manual_seed(0)
+    model = build_bitnerf(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        model.encoding.table.normal_(0, 0.1)
+    buf = io.BytesIO()
+    torch.save(export_ternary(model, cfg), buf, _use_new_zipfile_serialization=False)
+    buf.seek(0)
+    exported = load_ternary(torch.load(buf, weights_only=True), cfg)
+    codes, scales = table_codes(model.encoding.table.detach(), model.encoding.sizes, bits)
+    assert codes.abs().max() == 2 ** (bits - 1) - 1 and scales.shape == (2, 4)
+    rows = torch.tensor(model.encoding.sizes)
+    torch.testing.assert_close(exported.encoding.table, codes * scales.repeat_interleave(rows, 1))
+    torch.testing.assert_close(exported.encoding.lookup_table(), model.encoding.lookup_table().detach())
+    xyz, d = torch.rand(512, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(512, 3), dim=-1)
+    with torch.no_grad():
+        rgb, sigma = exported(xyz, d)
+        qat_rgb, qat_sigma = model.eval()(xyz, d)
+    torch.testing.assert_close(rgb, qat_rgb, atol=5e-3, rtol=0)  # the rest is stored fp16
+    torch.testing.assert_close(sigma, qat_sigma, atol=0, rtol=5e-3)
+
+
+def test_a_bitnerf_hash_run_exports_smaller_and_scores_as_exported(tmp_path):
+    cfg = {**hash_cfg(tmp_path / "run"), "MODEL": "bitnerf", "MAX_STEPS": 30}
+    metrics = train.train(cfg)
+    assert metrics["fp32_weights_bytes"] / metrics["export_bytes"] > 8
+    assert abs(metrics["export_psnr"] - metrics["val_psnr"]) < 0.1
+    res = run_cli("eval.py", f"{cfg['OUT_DIR']}/bitnerf_ternary.pt", "--data=synthetic")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["psnr"] == pytest.approx(metrics["export_psnr"], abs=1e-3)
+
+
+def test_eval_scores_a_hash_run_as_training_did(tmp_path):
+    cfg = hash_cfg(tmp_path / "run", MAX_STEPS=20)
+    metrics = train.train(cfg)
+    res = run_cli("eval.py", cfg["OUT_DIR"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.strip().splitlines()[-1])["psnr"] == pytest.approx(metrics["val_psnr"], abs=1e-3)

@@ -15,8 +15,14 @@ no-grad passes and grid updates) per second of training against the same dtype's
 one timed before and one after training).
     python bench.py --quality [--budget_s=600] [--exps=exp1] [--data=.../nerf_synthetic/lego --downscale=4]
 Each experiment runs in its own process so that its peak memory is its own.
+The all-reduce's share of a DDP step (--ddp, under torchrun): per experiment, the median forward + backward of
+the model through DDP on each rank's share of a step's points (as before and after the grid culls), with the
+gradient all-reduce and without it (no_sync), and the all-reduce of the gradient alone.
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 bench.py --ddp [--exps=exp5,exp7]
 """
 import argparse
+import contextlib
+import gc
 import json
 import os
 import subprocess
@@ -227,6 +233,70 @@ def run_child(args, overrides):
     print("BENCH " + json.dumps(row), flush=True)
 
 
+def ddp_step_ms(ddp, pts, dirs, amp, device, reps):
+    """Median ms of a DDP forward + backward on pts with the gradient all-reduce, and of one under no_sync."""
+    synced, local = [], []
+    for _ in range(reps + 2):  # the first two warm up (and compile); the two kinds alternate, sharing the noise
+        for times, context in ((synced, contextlib.nullcontext()), (local, ddp.no_sync())):
+            sync(device)
+            t0 = time.perf_counter()
+            with context, amp:
+                rgb, sigma = ddp(pts, dirs)
+                (rgb.float().sum() + sigma.float().sum()).backward()
+            sync(device)
+            times.append(1e3 * (time.perf_counter() - t0))
+    return [sorted(ts[2:])[reps // 2] for ts in (synced, local)]
+
+
+def allreduce_ms(numel, device, reps):
+    """Median ms of all-reducing numel fp32 values across the ranks."""
+    import torch.distributed as dist
+
+    flat, times = torch.zeros(numel, device=device), []
+    for _ in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        dist.all_reduce(flat)
+        sync(device)
+        times.append(1e3 * (time.perf_counter() - t0))
+    return sorted(times[1:])[reps // 2]
+
+
+def run_ddp(args, overrides, reps=9):
+    """Under torchrun: the all-reduce's share of each experiment's DDP step; rank 0 prints the table."""
+    import torch.distributed as dist
+
+    import train
+
+    cfgs = [bench_config(exp, args, overrides) for exp in args.exps.split(",")]
+    rank, world, device = train.init_distributed(cfgs[0], train.resolve_device(cfgs[0]["DEVICE"]))
+    rows = []
+    for cfg in cfgs:
+        model = train.build_model(cfg, device)
+        net, _ = train.compile_model(cfg, model, device, train.autocast_context(cfg, device))
+        ddp = train.wrap_ddp(cfg, net, device)
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        reduce_ms = allreduce_ms(numel, device, reps)
+        whole = cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
+        for key, points in (("whole", whole), ("culled", CULLED_POINTS)):
+            pts = torch.rand(points // world, 3, device=device) * 2 - 1
+            synced, local = ddp_step_ms(ddp, pts, pts if cfg["USE_VIEWDIRS"] else None,
+                                        train.autocast_context(cfg, device), device, reps)
+            rows.append({"exp": cfg["EXPERIMENT"], "encoding": cfg["ENCODING"], "model": cfg["MODEL"],
+                         "step points": key, "points per rank": len(pts), "gradient MB": round(4 * numel / 2 ** 20, 2),
+                         "step ms": round(synced, 1), "step ms without all-reduce": round(local, 1),
+                         "% of step all-reduce": round(100 * (synced - local) / synced, 1),
+                         "all-reduce alone ms": round(reduce_ms, 1)})
+        del ddp
+    gc.collect()  # the DDP modules must be gone before the group, or gloo can abort at exit (as train.train)
+    if rank == 0:
+        print(f"# DDP, {world} processes, backend {dist.get_backend()}, {os.cpu_count()}-core CPU, "
+              f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, OMP_NUM_THREADS "
+              f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, device {device}")
+        print(markdown(rows, list(rows[0])))
+    dist.destroy_process_group()
+
+
 def quality_marks(device, budget_s):
     """The training times (s) time-to-quality reads PSNR at on this device, within the budget (which ends one)."""
     return [m for m in QUALITY_MARKS_S[device.type] if m < budget_s] + [budget_s]
@@ -250,6 +320,7 @@ def main():
     p.add_argument("--quality", action="store_true", help="time-to-quality mode")
     p.add_argument("--budget_s", type=float, default=None, help="quality mode: seconds of training (default 600 on "
                    "a CPU, 900 on a GPU)")
+    p.add_argument("--ddp", action="store_true", help="under torchrun: the all-reduce's share of a DDP step")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
     if args.child:
@@ -261,6 +332,11 @@ def main():
             configs.apply_overrides(getattr(configs, exp.upper()), overrides)
         except configs.ConfigError as e:
             p.error(str(e))
+    if args.ddp:
+        if "RANK" not in os.environ:
+            p.error("--ddp runs under torchrun: OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 bench.py "
+                    "--ddp")
+        return run_ddp(args, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.budget_s = args.budget_s or QUALITY_MARKS_S[device.type][-1]
     name = (torch.cuda.get_device_name() if device.type == "cuda"

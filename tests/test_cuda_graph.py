@@ -57,9 +57,13 @@ def test_the_learning_rate_tensor_is_read_and_a_non_finite_step_is_skipped():
     assert not torch.equal(model.weight, before) and torch.isfinite(model.weight).all()
 
 
-def test_training_with_the_graph_matches_eager_training(small_cfg):
+HASH = {"ENCODING": "hash", "HASH_LEVELS": 6, "HASH_LOG2_SIZE": 12, "LR": 1e-2, "HASH_LR": 1e-2, "ADAM_EPS": 1e-15}
+
+
+@pytest.mark.parametrize("encoding", [{}, HASH], ids=["frequency", "hash"])
+def test_training_with_the_graph_matches_eager_training(small_cfg, encoding):
     """The same run, eager (compacted samples) and graphed (every sample, culled ones zeroed): same curve."""
-    cfg = {**small_cfg, "DEVICE": "cuda", "MAX_STEPS": 60}
+    cfg = {**small_cfg, **encoding, "DEVICE": "cuda", "MAX_STEPS": 60}
     eager = train.train({**cfg, "OUT_DIR": cfg["OUT_DIR"] + "_eager"})
     graphed = train.train({**cfg, "CUDA_GRAPH": True})
     losses = [[c["loss"] for c in m["curve"]] for m in (eager, graphed)]

@@ -71,6 +71,33 @@ def test_only_rank_zero_writes_and_logs(tmp_path):
     assert err.count("final: val PSNR") == 1
 
 
+def test_bench_ddp_times_each_experiments_step_with_and_without_its_all_reduce(tmp_path):
+    import configs
+
+    overrides = ["--num_layers=2", "--emb_dim=32", "--batch_size=64", "--num_samples=16", "--hash_levels=4",
+                 "--hash_log2_size=10"]
+    log = tmp_path / "log"
+    args = ["--ddp", "--exps=exp5,exp7", "--data=synthetic", "--compile=off", *overrides]
+    code, out = finish(torchrun("bench.py", *args, log=log), log)
+    assert code == 0, out[-3000:]
+    lines = [ln.strip("|").split("|") for ln in out.splitlines() if ln.startswith("| exp")]
+    header = [c.strip() for c in lines[0]]
+    rows = [dict(zip(header, (c.strip() for c in ln), strict=True)) for ln in lines[1:]]
+    assert [(r["exp"], r["step points"]) for r in rows] == [("exp5", "whole"), ("exp5", "culled"),
+                                                              ("exp7", "whole"), ("exp7", "culled")]
+    for r in rows:
+        cfg = configs.apply_overrides(getattr(configs, r["exp"].upper()), overrides)
+        numel = sum(p.numel() for p in train.build_model(cfg, torch.device("cpu")).parameters())
+        assert float(r["gradient MB"]) == round(4 * numel / 2 ** 20, 2)  # all of the model's gradient is reduced
+        synced, local = float(r["step ms"]), float(r["step ms without all-reduce"])
+        assert synced > 0 and local > 0 and float(r["all-reduce alone ms"]) > 0
+        rounding = 0.1 + 100 * 0.1 / synced  # the two times are printed to 0.1 ms, the share to 0.1 %
+        assert float(r["% of step all-reduce"]) == pytest.approx(100 * (synced - local) / synced, abs=rounding)
+    assert [r["points per rank"] for r in rows] == ["512", "2048", "1024", "2048"]  # exp7: 16 fine samples more
+    alone = run_cli("bench.py", "--ddp", "--exps=exp5")
+    assert alone.returncode == 2 and "--ddp runs under torchrun" in alone.stderr
+
+
 def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "log"

@@ -272,16 +272,15 @@ def run_ddp(args, overrides, reps=9):
     rank, world, device = train.init_distributed(cfgs[0], train.resolve_device(cfgs[0]["DEVICE"]))
     rows = []
     for cfg in cfgs:
-        model = train.build_model(cfg, device)
-        net, _ = train.compile_model(cfg, model, device, train.autocast_context(cfg, device))
+        model, amp = train.build_model(cfg, device), train.autocast_context(cfg, device)
+        net, _ = train.compile_model(cfg, model, device, amp)
         ddp = train.wrap_ddp(cfg, net, device)
         numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
         reduce_ms = allreduce_ms(numel, device, reps)
         whole = cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
         for key, points in (("whole", whole), ("culled", CULLED_POINTS)):
             pts = torch.rand(points // world, 3, device=device) * 2 - 1
-            synced, local = ddp_step_ms(ddp, pts, pts if cfg["USE_VIEWDIRS"] else None,
-                                        train.autocast_context(cfg, device), device, reps)
+            synced, local = ddp_step_ms(ddp, pts, pts if cfg["USE_VIEWDIRS"] else None, amp, device, reps)
             rows.append({"exp": cfg["EXPERIMENT"], "encoding": cfg["ENCODING"], "model": cfg["MODEL"],
                          "step points": key, "points per rank": len(pts), "gradient MB": round(4 * numel / 2 ** 20, 2),
                          "step ms": round(synced, 1), "step ms without all-reduce": round(local, 1),

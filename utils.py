@@ -464,7 +464,7 @@ def rebuild_grid(model, cfg, scene, device, passes=16):
     """An occupancy grid measured from a model alone (for an export, which carries no grid): max of passes.
 
     Each pass measures one jittered point per cell; a hash model's thin structures need many passes to be found
-    (4 passes culled 0.45 dB of a BitHashNeRF export's PSNR, 16 all but 0.04: docs/hash.md)."""
+    (what 4 and 16 passes cost an export: docs/hash.md)."""
     grid = build_grid(cfg, scene, device)
     if grid is not None:
         generator = torch.Generator(device=device).manual_seed(cfg["SEED"])

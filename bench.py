@@ -25,6 +25,7 @@ import contextlib
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,8 +72,13 @@ def mm_peak_gflops(dtype, device, reps=5):
     for n in mm_sizes(device):
         timed = square_mm_timer(n, dtype, device)
         times = [timed() for _ in range(reps + 1)]
-        best = max(best, 2 * n ** 3 / sorted(times[1:])[reps // 2] / 1e9)
+        best = max(best, 2 * n ** 3 / warm_median(times, 1) / 1e9)
     return best
+
+
+def warm_median(times, warmup):
+    """The median of timings after the first `warmup` of them (warm-up, compilation)."""
+    return statistics.median(times[warmup:])
 
 
 def sync(device):
@@ -122,8 +128,8 @@ def mlp_step_gflops(cfg, device, points, reps=5):
         (rgb.float().sum() + sigma.float().sum()).backward()
         sync(device)
         times.append(time.perf_counter() - t0), mm_times.append(timed_mm())
-    median = lambda ts: sorted(ts[2:])[reps // 2]  # noqa: E731
-    return mlp_flops_per_point(model) * len(pts) / median(times) / 1e9, 2 * n ** 3 / median(mm_times) / 1e9
+    mlp = mlp_flops_per_point(model) * len(pts) / warm_median(times, 2) / 1e9
+    return mlp, 2 * n ** 3 / warm_median(mm_times, 2) / 1e9
 
 
 def count_mlp_points():
@@ -173,7 +179,7 @@ def inference_samples_per_s(model, cfg, device, reps=5):
                 model(p, p if cfg["USE_VIEWDIRS"] else None)
         sync(device)
         times.append(time.perf_counter() - t0)
-    return len(pts) / sorted(times[1:])[reps // 2]
+    return len(pts) / warm_median(times, 1)
 
 
 def bench_config(exp, args, overrides):
@@ -245,7 +251,7 @@ def ddp_step_ms(ddp, pts, dirs, amp, device, reps):
                 (rgb.float().sum() + sigma.float().sum()).backward()
             sync(device)
             times.append(1e3 * (time.perf_counter() - t0))
-    return [sorted(ts[2:])[reps // 2] for ts in (synced, local)]
+    return [warm_median(ts, 2) for ts in (synced, local)]
 
 
 def allreduce_ms(numel, device, reps):
@@ -259,7 +265,7 @@ def allreduce_ms(numel, device, reps):
         dist.all_reduce(flat)
         sync(device)
         times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times[1:])[reps // 2]
+    return warm_median(times, 1)
 
 
 def run_ddp(args, overrides, reps=9):

@@ -66,7 +66,7 @@ class FakeQuantTable(torch.autograd.Function):
 class QuantizedHashEncoding(HashEncoding):
     """A HashEncoding whose lookups read the table fake-quantized to `bits`-bit integers."""
 
-    def __init__(self, *args, bits=4):
+    def __init__(self, *args, bits=5):
         super().__init__(*args)
         self.bits = bits
 
@@ -78,7 +78,7 @@ class QuantizedHashEncoding(HashEncoding):
 class BitHashNeRF(HashNeRF):
     """HashNeRF with RMSNorm -> Linear hidden blocks (ternary under QAT) and a low-bit table."""
 
-    def __init__(self, hash_table_bits=4, **kwargs):
+    def __init__(self, hash_table_bits=5, **kwargs):
         self.table_bits = hash_table_bits  # before nn.Module's init: make_encoding reads it; a plain int is allowed
         super().__init__(**kwargs)
 
@@ -160,8 +160,8 @@ def ternarize(weight):
 
 
 def pack_bits(q, bits):
-    """Integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (any shape; bits 2, 4 or 8) -> uint8, 8 / bits codes
-    (value + 2^(bits-1) - 1) per byte, the first in the low bits."""
+    """Integers in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (any shape; bits 2 ... 8) -> uint8, 8 // bits codes
+    (value + 2^(bits-1) - 1) per byte, the first in the low bits (one per byte for 5 ... 8 bits)."""
     per_byte = 8 // bits
     codes = (q.reshape(-1) + 2 ** (bits - 1) - 1).to(torch.uint8)
     codes = F.pad(codes, (0, -len(codes) % per_byte)).view(-1, per_byte)
@@ -173,12 +173,14 @@ def pack_bits(q, bits):
 
 def unpack_bits(packed, shape, bits):
     """Inverse of pack_bits: int8 values of the given shape."""
-    codes = torch.stack([packed >> s & 2 ** bits - 1 for s in range(0, 8, bits)], dim=-1).reshape(-1)
+    shifts = range(0, 8 // bits * bits, bits)
+    codes = torch.stack([packed >> s & 2 ** bits - 1 for s in shifts], dim=-1).reshape(-1)
     return (codes[: torch.Size(shape).numel()].to(torch.int16) - (2 ** (bits - 1) - 1)).to(torch.int8).view(shape)
 
 
 def deflate(packed):
-    """uint8 bytes zlib-compressed, as a uint8 tensor: a trained table's codes are mostly near 0 (empty space)."""
+    """uint8 bytes zlib-compressed, as a uint8 tensor: a trained table's codes are mostly near 0 (empty space), so
+    their entropy is well under their bits."""
     return torch.frombuffer(bytearray(zlib.compress(packed.numpy().tobytes(), 9)), dtype=torch.uint8)
 
 

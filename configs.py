@@ -33,7 +33,7 @@ EXP1 = {
     "HASH_FINEST_RES": 256,      # hash: grid resolution of the finest level
     "DENSITY_LAYERS": 1,         # hash: hidden layers (width EMB_DIM) of the density MLP, which outputs 16 values
     "COLOR_LAYERS": 2,           # hash: hidden layers (width EMB_DIM) of the colour MLP
-    "HASH_TABLE_BITS": 4,        # hash + bitnerf: the table trains fake-quantized to, and exports as, 2, 4 or 8 bits
+    "HASH_TABLE_BITS": 5,        # hash + bitnerf: the table trains fake-quantized to, and exports as, 2 ... 8 bits
     # rendering (utils.py)
     "NUM_SAMPLES": 64,           # stratified samples per ray between the scene's near and far bounds
     "NUM_FINE": 0,               # extra samples per ray drawn where a no-grad first pass found density (0 = one pass)
@@ -169,8 +169,8 @@ def check_config(cfg):
     if cfg["HASH_FINEST_RES"] < cfg["HASH_BASE_RES"]:
         raise ConfigError(f"--hash_finest_res={cfg['HASH_FINEST_RES']} is below --hash_base_res="
                           f"{cfg['HASH_BASE_RES']}; raise it")
-    if cfg["HASH_TABLE_BITS"] not in (2, 4, 8):
-        raise ConfigError(f"--hash_table_bits={cfg['HASH_TABLE_BITS']}: must be 2, 4 or 8")
+    if not 2 <= cfg["HASH_TABLE_BITS"] <= 8:
+        raise ConfigError(f"--hash_table_bits={cfg['HASH_TABLE_BITS']}: must be 2 ... 8")
     if not 8 <= cfg["HASH_LOG2_SIZE"] <= 24:
         raise ConfigError(f"--hash_log2_size={cfg['HASH_LOG2_SIZE']}: must be 8 ... 24 (Instant-NGP uses 14 ... 24)")
     if cfg["MIN_LR"] > cfg["LR"]:

@@ -39,12 +39,16 @@ COLUMNS = ["experiment", "precision", "bits/weight", "processes", "steps", "trai
 def precision(cfg):
     """What the experiment computes in: weights and autocast dtype."""
     weights = "ternary QAT" if cfg["MODEL"] == "bitnerf" else "fp32"
+    if cfg["MODEL"] == "bitnerf" and cfg["ENCODING"] == "hash":
+        weights += f", {cfg['HASH_TABLE_BITS']}-bit table"
     return weights if cfg["DTYPE"] == "float32" else f"{weights}, {cfg['DTYPE']} autocast"
 
 
 def bits_per_weight(cfg):
-    """Bits per hidden-layer weight of the model as saved for inference."""
-    return "1.58 (2 packed)" if cfg["MODEL"] == "bitnerf" else "32"
+    """Bits per hidden-layer weight of the model as saved for inference (and per hash-table entry, where it differs)."""
+    if cfg["MODEL"] != "bitnerf":
+        return "32"
+    return f"1.58, table {cfg['HASH_TABLE_BITS']}" if cfg["ENCODING"] == "hash" else "1.58 (2 packed)"
 
 
 def size_text(path):

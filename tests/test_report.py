@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import configs
 import report
 from configs import PRESETS, UserError
 from conftest import ROOT, run_cli
@@ -52,6 +53,13 @@ def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):
     for gpus, procs in ((1, 1), (2, 2), (8, 2)):  # nccl: a GPU per rank
         monkeypatch.setattr("torch.cuda.device_count", lambda gpus=gpus: gpus)
         assert nproc("exp6") == [f"--nproc_per_node={procs}"]
+
+
+def test_the_table_names_what_each_model_stores_its_weights_in():
+    hash_bit = {**configs.EXP7, "MODEL": "bitnerf", "HASH_TABLE_BITS": 8}
+    assert [report.bits_per_weight(c) for c in (configs.EXP1, configs.EXP4, configs.EXP7, hash_bit)] == [
+        "32", "1.58 (2 packed)", "32", "1.58, table 8"]
+    assert report.precision(hash_bit) == "ternary QAT, 8-bit table" and report.precision(configs.EXP4) == "ternary QAT"
 
 
 def test_report_rewrites_only_the_readme_block(tmp_path):

@@ -1,4 +1,4 @@
-"""Run every experiment under one time budget and write media/results.md, curves.png and per-experiment GIFs.
+"""Run every experiment (the presets and VARIANTS) under one time budget; write media/results.md, curves.png, GIFs.
 
     python report.py [--budget_s=600] [--data=PATH [--downscale=N]] [--seeds=N] [--only=exp1,exp4] [--quick]
 
@@ -27,7 +27,9 @@ from bench import SHARED_TINY, markdown, quality_marks
 from utils import atomic_write, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-EXPERIMENTS = tuple(configs.PRESETS)
+# configurations the table shows beside the presets: name -> (the preset's script, the flags it adds)
+VARIANTS = {"exp7-bitnerf": ("exp7", ("--model=bitnerf", "--compile=true"))}
+EXPERIMENTS = (*configs.PRESETS, *VARIANTS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
 QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic"}
 CURVE_POINTS = 8  # validations on all views per run, at equal shares of the budget (the last one at its end)
@@ -96,21 +98,29 @@ def run_dir_of(args, exp, seed):
     return os.path.join(args.out_dir, exp, *([f"seed{seed}"] if args.seeds > 1 else []))
 
 
+def experiment_config(exp):
+    """The config an experiment of the report trains: its preset, with a variant's flags applied."""
+    preset, flags = VARIANTS.get(exp, (exp, ()))
+    return configs.apply_overrides(configs.PRESETS[preset], list(flags))
+
+
 def command(exp, args, run_dir, seed=0):
-    """The command line that trains one experiment (with the preset's SEED plus seed) for the report."""
-    script = os.path.join(ROOT, f"{exp}.py")  # run from the caller's directory: relative paths mean the same
+    """The command line that trains one experiment (with its config's SEED plus seed) for the report."""
+    preset, flags = VARIANTS.get(exp, (exp, ()))
+    cfg = experiment_config(exp)
+    script = os.path.join(ROOT, f"{preset}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]
-    if configs.PRESETS[exp]["LAUNCH"] == "torchrun":
+    if cfg["LAUNCH"] == "torchrun":
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ddp_processes()}",
                   script]
     overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
                  "--max_steps=1000000000", f"--wandb={args.wandb}",  # the budget, not MAX_STEPS, ends each run
                  f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}", "--eval_every=0",
                  "--eval_at_s=" + ",".join(f"{m:g}" for m in eval_marks(args.budget_s)),
-                 f"--seed={configs.PRESETS[exp]['SEED'] + seed}"]
+                 f"--seed={cfg['SEED'] + seed}"]
     if args.downscale:
         overrides.append(f"--downscale={args.downscale}")
-    return launch + overrides
+    return launch + list(flags) + overrides
 
 
 def run_experiment(exp, args, run_dir, group, seed=0):
@@ -152,7 +162,7 @@ def spread(values, fmt):
 def table_row(exp, runs, run_dir, marks=()):
     """One row of the results table from the metrics of an experiment's runs (one per seed), with the PSNR at the
     given training times."""
-    cfg = configs.PRESETS[exp]
+    cfg = experiment_config(exp)
     cell = lambda key, fmt: spread([m[key] for m in runs], fmt)  # noqa: E731
     at = {m: [psnr_at(r, m) for r in runs] for m in marks}
     psnr = cell("val_psnr", "{:.2f}".format)

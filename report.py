@@ -1,4 +1,4 @@
-"""Run every experiment (the presets and VARIANTS) under one time budget; write media/results.md, curves.png, GIFs.
+"""Run every experiment (presets, configs.VARIANTS) for one time budget; write media/results.md, curves, GIFs.
 
     python report.py [--budget_s=600] [--data=PATH [--downscale=N]] [--seeds=N] [--only=exp1,exp4] [--quick]
 
@@ -27,9 +27,7 @@ from bench import SHARED_TINY, markdown, quality_marks
 from utils import atomic_write, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# configurations the table shows beside the presets: name -> (the preset's script, the flags it adds)
-VARIANTS = {"exp7-bitnerf": ("exp7", ("--model=bitnerf", "--compile=true"))}
-EXPERIMENTS = (*configs.PRESETS, *VARIANTS)
+EXPERIMENTS = (*configs.PRESETS, *configs.VARIANTS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
 QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic"}
 CURVE_POINTS = 8  # validations on all views per run, at equal shares of the budget (the last one at its end)
@@ -100,13 +98,13 @@ def run_dir_of(args, exp, seed):
 
 def experiment_config(exp):
     """The config an experiment of the report trains: its preset, with a variant's flags applied."""
-    preset, flags = VARIANTS.get(exp, (exp, ()))
+    preset, flags = configs.VARIANTS.get(exp, (exp, ()))
     return configs.apply_overrides(configs.PRESETS[preset], list(flags))
 
 
 def command(exp, args, run_dir, seed=0):
     """The command line that trains one experiment (with its config's SEED plus seed) for the report."""
-    preset, flags = VARIANTS.get(exp, (exp, ()))
+    preset, flags = configs.VARIANTS.get(exp, (exp, ()))
     cfg = experiment_config(exp)
     script = os.path.join(ROOT, f"{preset}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]

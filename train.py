@@ -384,8 +384,10 @@ class Trainer:
         self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(self.ckpt_path) if os.path.exists(self.ckpt_path) else None
         if ckpt is not None and checkpoint_shape(ckpt["config"]) != checkpoint_shape(cfg):
-            raise UserError(f"{self.ckpt_path} holds a model of another shape ({checkpoint_shape(ckpt['config'])}); "
-                            "pick another --out_dir or delete it")
+            saved, asked = checkpoint_shape(ckpt["config"]), checkpoint_shape(cfg)
+            differ = ", ".join(f"{k}={v} (this run: {asked.get(k)})" for k, v in saved.items() if asked.get(k) != v)
+            raise UserError(f"{self.ckpt_path} holds a model of another shape: {differ}; pass its values as "
+                            "--key=value to resume it, or pick another --out_dir or delete it")
         self.cfg = cfg = {**cfg, "DATA": run_data(cfg, ckpt, rank, world)}
         self.load_data()
         if self.main_rank:

@@ -253,7 +253,8 @@ def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path):
     other = tmp_path / "other"
     assert run_cli("exp1.py", *FAST, f"--out_dir={other}").returncode == 0
     before = (other / "ckpt.pt").read_bytes()
-    one_line_error(run_cli("exp1.py", *FAST, "--emb_dim=32", f"--out_dir={other}"), "model of another shape")
+    one_line_error(run_cli("exp1.py", *FAST, "--emb_dim=32", f"--out_dir={other}"),
+                   "model of another shape: emb_dim=16 (this run: 32); pass its values as --key=value")
     assert (other / "ckpt.pt").read_bytes() == before
     ckpt = torch.load(other / "ckpt.pt", weights_only=True)  # as older code wrote it: the input not padded 63 -> 64
     ckpt["model"]["layers.0.weight"] = ckpt["model"]["layers.0.weight"][:, :63]

@@ -4,9 +4,10 @@
 
 Each experiment trains from scratch in its own run directory (a preset with LAUNCH=torchrun under torchrun with
 2 processes; on a GPU machine one per GPU, at most 2) and is evaluated on all the held-out views each time its
-training time passes an eighth of the budget (the PSNR curve) and at the end. With --seeds=N each experiment
-trains N times (SEED 0 .. N-1): the table gives mean +- standard deviation, the curves their spread. Once all
-have run, their 360-degree orbit and depth GIFs, the table and the curves are written to the media directory.
+training time passes an eighth of the budget (the PSNR curve; a half under --quick) and at the end. With
+--seeds=N each experiment trains N times (SEED 0 .. N-1): the table gives mean +- standard deviation, the curves
+their spread. Once all have run, their 360-degree orbit and depth GIFs, the table and the curves are written to
+the media directory.
 A full report (every preset, not --quick) writes media/ and rewrites the README's results block; --only and --quick
 write theirs under the run directory instead. --quick (a few seconds per experiment) checks that the pipeline
 works. Ctrl-C stops the running experiment at its checkpoint and writes nothing to the media directory.
@@ -29,7 +30,7 @@ from utils import atomic_write, write_text
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXPERIMENTS = (*configs.PRESETS, *configs.VARIANTS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
-QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic"}
+QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic", "curve_points": 2}
 CURVE_POINTS = 8  # validations on all views per run, at equal shares of the budget (the last one at its end)
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
 COLUMNS = ["experiment", "precision", "bits/weight", "processes", "steps", "train s", "wall s", "samples/s",
@@ -80,10 +81,15 @@ def columns(args):
     return COLUMNS[:at] + [f"PSNR@{m:g}s" for m in time_marks(args.budget_s)] + COLUMNS[at:]
 
 
-def eval_marks(budget_s):
-    """The training times (s) of a run's all-view validations before its end: each eighth of the budget (the
+def eval_marks(budget_s, points=CURVE_POINTS):
+    """The training times (s) of a run's all-view validations before its end: each 1/points of the budget (the
     curve) and the time marks."""
-    return sorted({budget_s * k / CURVE_POINTS for k in range(1, CURVE_POINTS)} | {*time_marks(budget_s)})
+    return sorted({budget_s * k / points for k in range(1, points)} | {*time_marks(budget_s)})
+
+
+def curve_points(args):
+    """Validations per run on the PSNR curve: a --quick report checks the pipeline with 2, the real one draws 8."""
+    return QUICK["curve_points"] if args.quick else CURVE_POINTS
 
 
 def psnr_at(run, mark):
@@ -114,7 +120,7 @@ def command(exp, args, run_dir, seed=0):
     overrides = [f"--data={args.data}", f"--out_dir={run_dir}", f"--time_budget_s={args.budget_s}",
                  "--max_steps=1000000000", f"--wandb={args.wandb}",  # the budget, not MAX_STEPS, ends each run
                  f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}", "--eval_every=0",
-                 "--eval_at_s=" + ",".join(f"{m:g}" for m in eval_marks(args.budget_s)),
+                 "--eval_at_s=" + ",".join(f"{m:g}" for m in eval_marks(args.budget_s, curve_points(args))),
                  f"--seed={cfg['SEED'] + seed}"]
     if args.downscale:
         overrides.append(f"--downscale={args.downscale}")
@@ -264,7 +270,7 @@ def results_markdown(rows, results, args, argv, total_s, media=""):
              "`ckpt.pt` (weights, optimizer, grid); export: the 2-bit ternary file of BitNeRF runs.", "",
              f"![loss and PSNR curves]({media}curves.png)", "",
              "Curves: the training loss is rank 0's batch every LOG_EVERY steps; validation PSNR is on all held-out "
-             "views at every eighth of the budget and at the PSNR@ times"
+             f"views at every 1/{curve_points(args)} of the budget and at the PSNR@ times"
              + (", shaded: loss min-max and PSNR ± one standard deviation over seeds" if args.seeds > 1 else "")
              + ". PSNR@Ns: the PSNR on all validation views when training time passed N s.", ""]
     gifs = [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)" for exp in results]

@@ -63,6 +63,13 @@ def test_the_table_names_what_each_model_stores_its_weights_in():
     assert report.precision(hash_bit) == "ternary QAT, 8-bit table" and report.precision(configs.EXP4) == "ternary QAT"
 
 
+def test_a_full_report_validates_at_each_eighth_of_the_budget_a_quick_one_at_half():
+    marks = lambda *argv: next(a for a in report.command("exp1", report.parse_args([*argv, "--out_dir=x"]), "run")  # noqa: E731
+                               if a.startswith("--eval_at_s="))
+    assert marks("--budget_s=8") == "--eval_at_s=1,2,3,4,5,6,7"
+    assert marks("--quick", "--budget_s=4") == "--eval_at_s=2"
+
+
 def test_report_rewrites_only_the_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\nlicense\n")

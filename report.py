@@ -102,15 +102,20 @@ def run_dir_of(args, exp, seed):
     return os.path.join(args.out_dir, exp, *([f"seed{seed}"] if args.seeds > 1 else []))
 
 
+def preset_and_flags(exp):
+    """The preset whose script an experiment of the report runs, and the flags it adds (none for a preset)."""
+    return configs.VARIANTS.get(exp, (exp, ()))
+
+
 def experiment_config(exp):
     """The config an experiment of the report trains: its preset, with a variant's flags applied."""
-    preset, flags = configs.VARIANTS.get(exp, (exp, ()))
+    preset, flags = preset_and_flags(exp)
     return configs.apply_overrides(configs.PRESETS[preset], list(flags))
 
 
 def command(exp, args, run_dir, seed=0):
     """The command line that trains one experiment (with its config's SEED plus seed) for the report."""
-    preset, flags = configs.VARIANTS.get(exp, (exp, ()))
+    preset, flags = preset_and_flags(exp)
     cfg = experiment_config(exp)
     script = os.path.join(ROOT, f"{preset}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]

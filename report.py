@@ -199,11 +199,12 @@ def loss_band(runs):
 
 
 def psnr_band(runs):
-    """Training seconds of the all-view validations (EVAL_AT_S marks and the end) and the mean and standard
-    deviation of their PSNR over runs."""
+    """Training seconds of the all-view validations (EVAL_AT_S marks and the final one, which is last and has no
+    mark) and the mean and standard deviation of their PSNR over runs."""
     import numpy as np
 
-    points = [[(h["at_s"][0], h["psnr"]) for h in r["history"] if h.get("at_s")] for r in runs]
+    points = [[(h["at_s"][0] if h.get("at_s") else h["train_seconds"], h["psnr"]) for h in r["history"]
+               if h.get("at_s") or h is r["history"][-1]] for r in runs]
     n = min(map(len, points))
     ys = np.array([[p for _, p in pts[:n]] for pts in points])
     return [t for t, _ in points[0][:n]], ys.mean(0), ys.std(0, ddof=1) if len(runs) > 1 else np.zeros(n)
@@ -265,14 +266,14 @@ def results_markdown(rows, results, args, argv, total_s, media=""):
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Data: `{os.path.basename(args.data)}` at "
              f"{first['resolution']}, {first['background']} background, validation PSNR/SSIM on its held-out views "
              f"(never trained on){seeds}.",
-             f"Command: `python report.py {shlex.join(argv)}`".rstrip() + f", code of commit {commit()} — "
+             f"Command: `python report.py {shlex.join(argv)}`".rstrip() + f", code of commit {args.commit} — "
              f"{total_s / 60:.0f} min in all; "
              f"each experiment trained {args.budget_s:.0f} s from scratch (evaluation and videos not counted); "
              f"orbits of {QUICK['video_frames'] if args.quick else VIDEO_FRAMES} frames.",
              "", markdown(rows, columns(args)), "",
              "samples/s counts every sample on every ray (those the occupancy grid skips too); peak memory is the "
              "resident memory of the process (rank 0 under torchrun) on CPU, allocated memory on GPU. checkpoint: "
-             "`ckpt.pt` (weights, optimizer, grid); export: the 2-bit ternary file of BitNeRF runs.", "",
+             "`ckpt.pt` (weights, optimizer, grid); export: a BitNeRF run's exported file.", "",
              f"![loss and PSNR curves]({media}curves.png)", "",
              "Curves: the training loss is rank 0's batch every LOG_EVERY steps; validation PSNR is on all held-out "
              f"views at every 1/{curve_points(args)} of the budget and at the PSNR@ times"
@@ -375,6 +376,7 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         os.makedirs(args.media_dir, exist_ok=True)
+        args.commit = commit()  # the code the runs train with, read before the report writes media/ and the README
     except (configs.UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -70,6 +70,14 @@ def test_a_full_report_validates_at_each_eighth_of_the_budget_a_quick_one_at_hal
     assert marks("--quick", "--budget_s=4") == "--eval_at_s=2"
 
 
+def test_the_psnr_curve_ends_at_the_final_evaluation_the_table_reports():
+    history = lambda final: [{"step": 10, "train_seconds": 2.1, "psnr": 20.0, "at_s": [2.0]},  # noqa: E731
+                             {"step": 15, "train_seconds": 3.0, "psnr": 21.0},  # an EVAL_EVERY one on fewer views
+                             {"step": 30, "train_seconds": 4.0, "psnr": final}]  # the final one: no mark
+    t, mean, std = report.psnr_band([{"history": history(22.0)}, {"history": history(24.0)}])
+    assert list(t) == [2.0, 4.0] and list(mean) == [20.0, 23.0] and std[1] > 0
+
+
 def test_report_rewrites_only_the_readme_block(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_BEGIN}\nold table\n{report.README_END}\nlicense\n")
@@ -87,6 +95,22 @@ def test_only_a_full_report_writes_media_and_the_readme(tmp_path):
     for partial in (["--only=exp1,exp4"], ["--quick"]):
         args = report.parse_args([*partial, f"--out_dir={tmp_path}"])
         assert args.media_dir == str(tmp_path) and args.readme is None, partial
+
+
+def test_the_report_names_the_commit_its_runs_trained_on_read_before_it_wrote_media(monkeypatch, tmp_path):
+    """A full report writes the tracked media/ before results.md: the commit read then always looked modified."""
+    tree = {"state": "abc1234"}
+    monkeypatch.setattr(report, "commit", lambda: tree["state"])
+
+    def train_then_dirty_the_tree(args, argv):
+        tree["state"] = "abc1234 with uncommitted changes"  # as copying the GIFs into media/ does
+        return {"exp1": [{"resolution": "100x100", "background": "black"}]}, [{"experiment": "exp1"}]
+    written = []
+    monkeypatch.setattr(report, "run_all", train_then_dirty_the_tree)
+    monkeypatch.setattr(report, "write_media", lambda results, rows, args, argv, total_s: written.append(
+        report.results_markdown(rows, results, args, argv, total_s)))
+    report.main(["--only=exp1", f"--out_dir={tmp_path}"])
+    assert "code of commit abc1234 — " in written[0]
 
 
 def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):

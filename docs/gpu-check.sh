@@ -7,7 +7,7 @@
 # then: run(command="bash docs/gpu-check.sh", carry=["out/gpu-data"], timeout_s=600). It runs under the device's
 # own python3 (its torch, not our pin). What it writes under $OUT comes back: one log per check, to be recorded with
 # the date, commit and the GPU's name in docs/hash.md and docs/scale.md.
-# On this machine a smoke test of the commands (seconds each, on the CPU):
+# On this machine, a smoke test of the commands on the CPU:
 #   OUT=out/gpu-check DATA=../shared/data/nerf_synthetic/lego EXP7_S=3 EXP1_S=3 DOWNSCALE=8 bash docs/gpu-check.sh
 # (3.5 minutes here on 2026-12-04: exp7 ran, the CUDA tests skipped, exp1's gpu800 probe outran its 100 s limit on
 # the CPU and was stopped, child included, leaving only its header line.)

@@ -99,8 +99,9 @@ EXP6 = {**EXP4, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6", "LAUNCH": "torchrun
 EXP7 = {**EXP1, "EXPERIMENT": "exp7", "OUT_DIR": "out/exp7", "ENCODING": "hash", "LR": 1e-2, "HASH_LR": 1e-2,
         "ADAM_EPS": 1e-15, "NUM_FINE": 16, "USE_VIEWDIRS": True}
 PRESETS = {cfg["EXPERIMENT"]: cfg for cfg in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, EXP7)}
-# configurations report.py trains beside the presets: name -> (the preset's script, the flags it adds)
-VARIANTS = {"exp7-bitnerf": ("exp7", ("--model=bitnerf", "--compile=true"))}
+# configurations report.py trains beside the presets: name -> (the preset's script, the flags it adds).
+# exp7-bitnerf's ternary MLP is 128 wide: at 64 its export fell over 1 dB below exp7 in 10 minutes (docs/hash.md).
+VARIANTS = {"exp7-bitnerf": ("exp7", ("--model=bitnerf", "--compile=true", "--emb_dim=128"))}
 
 # Recipes: a layer over any preset for nerf_synthetic views larger than the presets' 100 px, e.g.
 #   python exp1.py --recipe=cpu200 --data=../shared/data/nerf_synthetic/lego

@@ -1,4 +1,5 @@
-"""BitNeRF: an RMSNorm before each hidden Linear, BitNet b1.58 QAT (torchao), and a 2-bit ternary export.
+"""BitNeRF: an RMSNorm (with a learned gain) before each hidden Linear, BitNet b1.58 QAT (torchao), and a 2-bit
+ternary export.
 
 Hidden layers train with torchao's `bitnet_training`: weights are ternary {-s, 0, +s} (s = mean |w| of the
 tensor) and activations int8 per row in the forward pass, full-precision latent weights in the optimizer.
@@ -18,15 +19,16 @@ import torch.nn.functional as F
 from nerf import HashEncoding, HashNeRF, NeRF, model_kwargs
 from utils import save_checkpoint
 
-EXPORT_FORMAT = "bitnerf-ternary-v1"
+EXPORT_FORMAT = "bitnerf-ternary-v2"  # v2: the RMSNorms' gains in "rest"
 # the config keys an export keeps: what eval.py needs to render and score it as training did
 EXPORT_KEYS = ("DATA", "DOWNSCALE", "BACKGROUND", "NUM_SAMPLES", "NUM_FINE", "OCC_GRID", "SCENE_BOUND", "GRID_RES",
                "SEED", "CHUNK", "ERT_TRANSMITTANCE", "DTYPE")
 
 
 def norm_linear(in_dim, out_dim):
-    """RMSNorm then Linear: BitNet normalises what it quantizes to int8 (no gain, as in BitNet's SimpleRMSNorm)."""
-    return nn.Sequential(nn.RMSNorm(in_dim, elementwise_affine=False), nn.Linear(in_dim, out_dim))
+    """RMSNorm then Linear: BitNet normalises what it quantizes to int8. The norm's learned per-channel gain scales
+    the ternary weight's columns, which its one tensor scale cannot (docs/hash.md)."""
+    return nn.Sequential(nn.RMSNorm(in_dim), nn.Linear(in_dim, out_dim))
 
 
 class BitNeRF(NeRF):

@@ -38,7 +38,10 @@ def default_split(data_arg, data):
 
 def load_model(ckpt, cfg, device, path):
     """The checkpoint's model (or the export's ternary model) on device."""
-    if ckpt.get("format") == EXPORT_FORMAT:
+    if "format" in ckpt:
+        if ckpt["format"] != EXPORT_FORMAT:
+            raise UserError(f"{path}: a {ckpt['format']} export, which this version cannot read (it reads "
+                            f"{EXPORT_FORMAT}); evaluate it with the commit that wrote it")
         return load_ternary(ckpt, cfg).to(device)
     model = build_model(cfg, device)
     load_weights(model, ckpt["model"], path)
@@ -52,7 +55,7 @@ def run(args):
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     device = resolve_device(args.device)
-    exported = ckpt.get("format") == EXPORT_FORMAT
+    exported = "format" in ckpt
     model = load_model(ckpt, cfg, device, path)
     data = args.data or cfg["DATA"]
     split = default_split(args.data, data) if args.split == "auto" else args.split

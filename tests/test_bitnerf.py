@@ -21,7 +21,7 @@ from bitnerf import (
     unpack_ternary,
 )
 from configs import EXP1, EXP4
-from conftest import run_cli
+from conftest import one_line_error, run_cli
 
 
 def qat_model(**kwargs):
@@ -169,6 +169,9 @@ def test_eval_evaluates_the_export_file_as_training_did(bitnerf_run, tmp_path):
     assert out.returncode == 0, out.stderr
     a, b = (torch.load(p, weights_only=True) for p in (again, path))
     assert torch.equal(a["packed"], b["packed"]) and torch.equal(a["rest"], b["rest"])
+    old = os.path.join(cfg["OUT_DIR"], "old.pt")
+    torch.save({**export, "format": "bitnerf-ternary-v1"}, old)  # an export of a version before the norms' gains
+    one_line_error(run_cli("eval.py", old, "--data=synthetic"), "a bitnerf-ternary-v1 export")
 
 
 def test_compiled_qat_model_matches_eager_forward_and_backward():

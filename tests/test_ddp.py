@@ -40,10 +40,10 @@ def final_model(out_dir):
 @pytest.mark.parametrize("exp", ["exp5.py", "exp6.py", "exp7.py"])
 def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     # 10 steps: float summation order differs between 1 and 2 processes, and Adam amplifies it chaotically later,
-    # with or without DDP being right. exp6 6: its RMSNorm gains scale what is rounded to int8, so once they differ
-    # in the last bit (step 7) a flipped int8 code parts the runs (1e-5 by step 10; under 1e-7 at 6, seeds 0-2).
-    # Eager: compiling BitNeRF twice would triple the test's time, and compiled exp6 under torchrun runs in
-    # test_report's quick report. exp7: the hash table's dense gradient, all-reduced
+    # with or without DDP being right. exp6 6: its RMSNorm gains scale what is rounded to int8, so there a last-bit
+    # difference flips an int8 code and parts the runs sooner (docs/hash.md). Eager: compiling BitNeRF twice would
+    # triple the test's time, and compiled exp6 under torchrun runs in test_report's quick report. exp7: the hash
+    # table's dense gradient, all-reduced
     hashed = ["--hash_levels=6", "--hash_log2_size=12"] if exp == "exp7.py" else []
     steps = 6 if exp == "exp6.py" else 10
     args = [exp, *TINY, *hashed, f"--max_steps={steps}", "--eval_every=5", "--ckpt_every=1000", "--compile=false"]

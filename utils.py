@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from configs import EXP1, UserError
 
@@ -71,7 +72,9 @@ def volume_render(rgb, sigma, t, far, background):
     """
     tau = sigma * segment_lengths(t, far)
     alpha = 1.0 - torch.exp(-tau)
-    trans = torch.exp(-(torch.cumsum(tau, dim=-1) - tau))
+    # the sum of the optical depth before each sample, summed as such: a running sum minus the sample's own term
+    # loses the terms before a large one in fp32 (and gives inf - inf = NaN at an infinite density)
+    trans = torch.exp(-torch.cumsum(F.pad(tau[..., :-1], (1, 0)), dim=-1))
     weights = alpha * trans
     acc = weights.sum(-1)
     out_rgb = (weights[..., None] * rgb).sum(-2) + (1.0 - acc)[..., None] * background

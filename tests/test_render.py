@@ -1,6 +1,7 @@
 """Rays, sampling and volume rendering against cases with known answers."""
 import math
 
+import pytest
 import torch
 
 from nerf import NeRF
@@ -62,6 +63,18 @@ def test_transmittance_is_exclusive():
     sigma = torch.tensor([[1.0, 0.0]])
     _, _, acc, _ = volume_render(torch.ones(1, 2, 3), sigma, t, 4.0, torch.zeros(3))
     assert abs(acc.item() - (1 - math.exp(-1.0))) < 1e-6
+
+
+@pytest.mark.parametrize("density", [1e6, 1e8, float("inf")])
+def test_a_surface_of_huge_density_behind_faint_fog_is_opaque_in_float32(density):
+    """The hash model's exp density can grow very large; the fog before the surface must still attenuate it and
+    the ray end fully opaque (a running sum minus each term lost the fog in fp32: 0.92 or 1.004 opaque, NaN at inf)."""
+    t = torch.linspace(2.0, 6.0, 65)[None, :-1]
+    sigma = torch.where(torch.arange(64) < 20, 0.3, density)[None]
+    rgb, _, acc, weights = volume_render(torch.ones(1, 64, 3), sigma, t, 6.0, torch.zeros(3))
+    fog = 1 - math.exp(-0.3 * (t[0, 20] - t[0, 0]).item())  # the fog's opacity before the surface at sample 20
+    assert acc.item() == pytest.approx(1.0, abs=1e-6) and rgb[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert weights[0, :20].sum().item() == pytest.approx(fog, abs=1e-5)
 
 
 def test_stratified_samples_stay_in_their_bins():

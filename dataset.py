@@ -1,9 +1,9 @@
 """Scenes from a tiny-NeRF .npz, a nerf_synthetic folder, or a procedural scene, behind one interface."""
+import http.client
 import json
 import math
 import os
 import sys
-import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -50,27 +50,45 @@ def cache_dir():
     return os.environ.get("NERF_CACHE_DIR", default)
 
 
+def download_failed(url, path, error):
+    """The DataError of a download that failed on the network side: what failed, and how to do without it."""
+    return DataError(f"could not download {url} ({getattr(error, 'reason', None) or error}); fetch it on a machine "
+                     f"online and put it at {path}, or pass --data=PATH to a local copy, or --data=synthetic to "
+                     "train offline")
+
+
 def download(url, path, check):
-    """Fetch url to path with a progress bar, atomically; check(tmp_path) validates the file before it is kept."""
+    """Fetch url to path with a progress bar, atomically; check(tmp_path) validates the file before it is kept.
+
+    A network failure is a DataError saying so; a failure to write the file is atomic_write's UserError.
+    """
     from tqdm import tqdm
 
+    def read(response):
+        try:  # a network error is an OSError too: tell it apart from one of writing the file
+            return response.read(1 << 20)
+        except (OSError, http.client.HTTPException) as e:
+            raise download_failed(url, path, e) from None
+
     def fetch(tmp):
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
+        try:
+            response = urllib.request.urlopen(url, timeout=30)
+        except (OSError, http.client.HTTPException) as e:  # URLError (offline, refused) is an OSError
+            raise download_failed(url, path, e) from None
+        with response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
-                while chunk := r.read(1 << 20):
+                while chunk := read(response):
                     f.write(chunk)
                     bar.update(len(chunk))
         check(tmp)
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
-        atomic_write(path, fetch)
-    except (urllib.error.URLError, OSError, UserError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"could not download {url} ({getattr(e, 'reason', e)}); pass --data=PATH to a local "
-                        "tiny_nerf_data.npz, or --data=synthetic to train offline") from None
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create {os.path.dirname(path)} ({e.strerror}); set NERF_CACHE_DIR to a writable "
+                        "folder") from None
+    atomic_write(path, fetch)
 
 
 def composite(images, background):
@@ -84,6 +102,8 @@ def check_views(images, poses, focal, where):
     """Validate shapes, dtypes and values of images/poses/focal; return them as float32 tensors."""
     if images.ndim != 4 or images.shape[-1] not in (3, 4):
         raise DataError(f"{where}: images must be (N, H, W, 3), got shape {images.shape}; check the file")
+    if 0 in images.shape:
+        raise DataError(f"{where}: no views or empty images (shape {images.shape}); check the file")
     if images.dtype == np.uint8:
         images = images.astype(np.float32) / 255.0
     if not np.issubdtype(images.dtype, np.floating):
@@ -162,6 +182,17 @@ def resolve_data(data, quiet=False):
         return "synthetic"
 
 
+def average_blocks(images, downscale, where):
+    """Images (N, H, W, C) downscaled by averaging downscale x downscale blocks; a downscale that does not divide H
+    and W is refused (the image centre and focal of a cropped remainder would be off)."""
+    N, H, W, C = images.shape
+    if H % downscale or W % downscale:
+        fits = [d for d in range(1, min(H, W) + 1) if H % d == 0 and W % d == 0]
+        raise DataError(f"{where}: --downscale={downscale} does not divide its {W}x{H} images; use one that does: "
+                        + ", ".join(map(str, fits[:10])) + (", ..." if len(fits) > 10 else ""))
+    return images.reshape(N, H // downscale, downscale, W // downscale, downscale, C).mean((2, 4))
+
+
 def load_blender_split(folder, split, downscale, background):
     """One transforms_{split}.json of a nerf_synthetic scene: RGBA PNGs composited over the background."""
     import imageio.v2 as imageio
@@ -180,9 +211,7 @@ def load_blender_split(folder, split, downscale, background):
         raise DataError(f"{path}: cannot read the scene ({type(e).__name__}: {e}); check the folder") from None
     images = composite(images, background.numpy())  # at full resolution, then averaged: what a camera would see
     if downscale > 1:
-        N, H, W, _ = images.shape
-        H, W = H // downscale, W // downscale
-        images = images[:, :H * downscale, :W * downscale].reshape(N, H, downscale, W, downscale, 3).mean((2, 4))
+        images = average_blocks(images, downscale, path)
     focal = 0.5 * images.shape[2] / math.tan(0.5 * angle)
     return Views(*check_views(images, poses, focal, path))
 

@@ -43,6 +43,7 @@ BAD = {
     "string dtype": (lambda i, p, f: dict(images=i.astype(str), poses=p, focal=f), "float in [0, 1] or uint8"),
     "non-rigid pose": (lambda i, p, f: dict(images=i, poses=p * 2, focal=f), "rigid"),
     "bad focal": (lambda i, p, f: dict(images=i, poses=p, focal=-1.0), "focal"),
+    "no views": (lambda i, p, f: dict(images=i[:0], poses=p[:0], focal=f), "no views"),
     "out of range": (lambda i, p, f: dict(images=i * 3, poses=p, focal=f), "[0, 1]"),
 }
 
@@ -69,9 +70,22 @@ def test_truncated_and_missing_files(tmp_path, synth):
 def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("NERF_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(dataset, "TINY_NERF_URL", "http://127.0.0.1:9/tiny_nerf_data.npz")
-    with pytest.raises(DataError, match="--data=PATH.*--data=synthetic"):
+    with pytest.raises(DataError, match="--data=PATH.*--data=synthetic") as failed:
         load_scene("tiny_nerf")
     assert os.listdir(tmp_path) == []  # no partial download left behind
+    message = str(failed.value)  # the network failed, not the disk: say so (it said "free disk space")
+    assert message.startswith("could not download http://127.0.0.1:9/") and "refused" in message
+    assert f"put it at {tmp_path / 'tiny_nerf_data.npz'}" in message and "disk" not in message
+
+
+def test_a_downscale_that_does_not_divide_the_images_is_refused(tmp_path, synth):
+    """Cropping the remainder would shift the image centre and shrink the focal (at 3 on 800 px: 1/3 px, 0.25 %)."""
+    folder = write_blender(tmp_path / "scene", *synth)  # 16 x 16
+    for downscale in (3, 32):
+        with pytest.raises(DataError, match=f"--downscale={downscale} does not divide its 16x16 images; use one "
+                                            "that does: 1, 2, 4, 8, 16"):
+            load_scene(folder, downscale=downscale)
+    assert load_scene(folder, downscale=16).splits["train"].hw == (1, 1)
 
 
 def test_download_is_validated_before_it_is_kept(tmp_path, monkeypatch, synth):

@@ -48,13 +48,36 @@ def load_model(ckpt, cfg, device, path):
     return model
 
 
+def runnable_config(cfg, device):
+    """The checkpoint's config, in float32 where its DTYPE cannot run on this device (float16 needs CUDA), with a
+    notice."""
+    if cfg["DTYPE"] == "float16" and device.type != "cuda":
+        print(f"notice: the checkpoint trained under float16 autocast, which needs CUDA; evaluating in float32 on "
+              f"{device.type}", file=sys.stderr)
+        return {**cfg, "DTYPE": "float32"}
+    return cfg
+
+
+def prepare_out(out):
+    """Create the --out folder before any rendering, or say in one line why it cannot be."""
+    if out is None:
+        return
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out={out} is a file; pass a folder for the renders (created if missing)")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out={out}: cannot create it ({e.strerror}); pass a writable folder") from None
+
+
 def run(args):
     """Load the checkpoint (or BitNeRF ternary export) and the split scored, render, and return the metrics dict."""
     keep_freed_memory()
     path = checkpoint_path(args.ckpt)
     ckpt = load_checkpoint(path)
-    cfg = ckpt["config"]
     device = resolve_device(args.device)
+    cfg = runnable_config(ckpt["config"], device)
+    prepare_out(args.out)
     exported = "format" in ckpt
     model = load_model(ckpt, cfg, device, path)
     data = args.data or cfg["DATA"]
@@ -75,7 +98,7 @@ def run(args):
     scores, _ = evaluate_views(model, views, scene, cfg, grid, autocast_context(cfg, device), save_dir=args.out)
     result = {"psnr": round(scores["psnr"], 4), "ssim": round(scores["ssim"], 4), "data": data, "split": split,
               "views": scores["views"], **protocol(scene, views), "seconds": round(time.perf_counter() - t0, 2),
-              "step": ckpt.get("step"), "exported": exported}
+              "dtype": cfg["DTYPE"], "step": ckpt.get("step"), "exported": exported}
     if args.per_view:
         result["per_view"] = [{"view": v["view"], "psnr": round(v["psnr"], 4), "ssim": round(v["ssim"], 4)}
                               for v in scores["per_view"]]

@@ -211,6 +211,28 @@ def test_eval_saves_renders_of_every_view(nerf_run, tmp_path):
     assert imageio.imread(tmp_path / "renders" / "000_depth.png").shape == (48, 48, 3)
 
 
+def test_eval_scores_a_float16_gpu_checkpoint_on_a_cpu_in_float32(nerf_run, tmp_path):
+    """A run trained under float16 autocast (CUDA only) is still scored on a CPU: in float32, with a notice."""
+    copy, metrics = nerf_run
+    path = os.path.join(copy(tmp_path / "run")["OUT_DIR"], "ckpt.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["DTYPE"] = "float16"  # as a GPU run of exp2 with --dtype=float16 writes it
+    torch.save(ckpt, path)
+    res = run_cli("eval.py", path, "--device=cpu")
+    assert res.returncode == 0, res.stderr
+    assert "float16 autocast, which needs CUDA; evaluating in float32 on cpu" in res.stderr
+    out = json.loads(res.stdout)
+    assert out["dtype"] == "float32" and out["psnr"] == pytest.approx(metrics["val_psnr"], abs=1e-3)
+
+
+def test_eval_out_naming_a_file_is_one_line_and_keeps_the_file(nerf_run, tmp_path):
+    cfg = nerf_run[0](tmp_path / "run")
+    existing = tmp_path / "renders.png"
+    existing.write_bytes(b"a picture the user keeps")
+    one_line_error(run_cli("eval.py", cfg["OUT_DIR"], f"--out={existing}"), "is a file; pass a folder")
+    assert existing.read_bytes() == b"a picture the user keeps"
+
+
 def test_eval_of_an_npz_run_scores_its_validation_views_unless_the_npz_is_passed(tmp_path):
     """Without --data, a run trained on a .npz is scored on its held-out views only, never on its training views."""
     import numpy as np

@@ -43,6 +43,8 @@ from utils import (
 
 GRID_EVERY = 16  # steps between occupancy-grid updates
 GRID_FULL_UNTIL = 256  # before this step every update visits every cell; after it, a random quarter
+OPTIMIZER_KEYS = ("WEIGHT_DECAY", "ADAM_EPS", "AMSGRAD", "FUSED_OPTIM", "HASH_LR")  # what AdamW's groups hold
+WARMUP_SHARE = 0.1  # the LR warm-up lasts WARMUP_STEPS steps or this share of the run, whichever is shorter
 
 
 def resolve_device(name):
@@ -131,6 +133,28 @@ def build_optimizer(cfg, model, device, graphed=False):
     return torch.optim.AdamW(groups, foreach=True, **kwargs)  # on CPU the default loops over tensors
 
 
+def load_optimizer_state(optimizer, state_dict):
+    """Load a checkpoint's AdamW state (moments, step counts) but keep this run's settings, which load_state_dict
+    replaces with the checkpoint's: eps, weight decay, AMSGrad, fused, each group's lr_scale (OPTIMIZER_KEYS).
+
+    AMSGrad turned on starts its running maximum at the current second moment; each step count is moved to where
+    this run's kernel (fused or capturable: the parameter's device; else the CPU) keeps it.
+    """
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, mine in zip(optimizer.param_groups, settings, strict=True):
+        group.update(mine)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            if group["amsgrad"]:
+                state.setdefault("max_exp_avg_sq", state["exp_avg_sq"].clone())
+            else:
+                state.pop("max_exp_avg_sq", None)
+            state["step"] = state["step"].to(p.device if group["fused"] or group["capturable"] else "cpu")
+
+
 def parameter_groups(cfg, model):
     """AdamW's parameter groups, each with its lr_scale (its peak LR over LR): a hash table at HASH_LR, without
     weight decay (a decayed entry forgets what the rays seldom reach), and the rest at LR."""
@@ -211,18 +235,29 @@ class GracefulStop:
 
 
 def progress(cfg, step, seconds):
-    """Fraction of training done: by steps, or by time when a time budget would end it sooner."""
+    """Fraction of training done after `step` steps and `seconds` of training: by steps, or by time when a time
+    budget would end it sooner."""
     p = step / cfg["MAX_STEPS"]
     if cfg["TIME_BUDGET_S"] > 0:
         p = max(p, seconds / cfg["TIME_BUDGET_S"])
     return min(p, 1.0)
 
 
-def learning_rate(cfg, step, frac):
-    """Linear warm-up, then cosine decay from LR to MIN_LR over the run's progress."""
-    if step < cfg["WARMUP_STEPS"]:
-        return cfg["LR"] * (step + 1) / cfg["WARMUP_STEPS"]
-    return cfg["MIN_LR"] + 0.5 * (cfg["LR"] - cfg["MIN_LR"]) * (1 + math.cos(math.pi * frac))
+def warmup_factor(cfg, step, frac):
+    """The share of LR that step (0-based) trains at: linear warm-up over WARMUP_STEPS steps or the first
+    WARMUP_SHARE of the run's progress frac, whichever ends first (a short run still reaches LR); 1 after it."""
+    if not cfg["WARMUP_STEPS"]:
+        return 1.0
+    return min(1.0, max((step + 1) / cfg["WARMUP_STEPS"], frac / WARMUP_SHARE))
+
+
+def learning_rate(cfg, step, frac, warmup_end):
+    """Step's learning rate at the run's progress frac: the warm-up, then a cosine from LR to MIN_LR over the rest of
+    the run, from warmup_end (the progress at which warm-up ended; None while it lasts) to its end."""
+    if warmup_end is None:
+        return cfg["LR"] * warmup_factor(cfg, step, frac)
+    rest = min(1.0, (frac - warmup_end) / (1 - warmup_end)) if warmup_end < 1 else 0.0
+    return cfg["MIN_LR"] + 0.5 * (cfg["LR"] - cfg["MIN_LR"]) * (1 + math.cos(math.pi * rest))
 
 
 def skips_zero_density(cfg):
@@ -341,12 +376,51 @@ def prepare_out_dir(cfg, rank=0):
     return out_dir
 
 
+def differences(saved, now):
+    """'key=saved (this run: now), ...' for each key of a checkpoint's record whose value this run's differs from
+    ('' when none does)."""
+    return ", ".join(f"{k}={v} (this run: {now.get(k)})" for k, v in saved.items() if k in now and now[k] != v)
+
+
+def data_identity(data):
+    """DATA as a checkpoint records it: a file or folder as its absolute path (the run may resume from another
+    directory), a name ('synthetic', 'tiny_nerf') as it is."""
+    return os.path.realpath(data) if os.path.exists(data) else data
+
+
+def scene_record(cfg, asked, scene, views):
+    """What a resumed run's data must match, saved in ckpt.pt: the data (and the DATA asked for, e.g. 'auto'), the
+    training views' resolution, the background and the scene's bounds."""
+    return {"data": data_identity(cfg["DATA"]), "asked": asked, **protocol(scene, views), "near": scene.near,
+            "far": scene.far, "scene_bound": cfg["SCENE_BOUND"]}
+
+
+def saved_scene_record(ckpt):
+    """A checkpoint's scene record; for one written before it was kept, what its config tells (its data, as asked
+    for or not, and the cube)."""
+    cfg = ckpt["config"]
+    return ckpt.get("scene") or {"data": data_identity(cfg["DATA"]), "asked": cfg["DATA"],
+                                 "scene_bound": cfg["SCENE_BOUND"]}
+
+
+def check_same_scene(saved, now, path):
+    """Refuse to resume a checkpoint on other data than it trained on (other views, resolution, background or
+    bounds): a run that mixed two scenes would report a number of neither."""
+    differ = differences({k: v for k, v in saved.items() if k != "asked"}, now)
+    if differ:
+        again = f" (or pass --data={saved['data']} to resume it)" if saved["data"] != now["data"] else ""
+        raise UserError(f"{path} was trained on other data: {differ}; use another --out_dir or delete ckpt.pt"
+                        + again)
+
+
 def run_data(cfg, ckpt, rank, world):
-    """The data this run trains on: DATA, or for 'auto' what a resumed run used, else what resolve_data finds.
+    """The data this run trains on: DATA; for 'auto', the data of the checkpoint it resumes if that run asked for
+    'auto' too (and resolved it to its data), else what resolve_data finds.
 
     Under torchrun rank 0 resolves it first (a download happens once), then the others.
     """
-    data = ckpt["config"]["DATA"] if ckpt is not None and cfg["DATA"] == "auto" else cfg["DATA"]
+    saved = saved_scene_record(ckpt) if ckpt is not None else {"asked": None}
+    data = saved["data"] if cfg["DATA"] == "auto" and saved["asked"] == "auto" else cfg["DATA"]
     if world > 1 and rank > 0:
         dist.barrier()
     data = resolve_data(data, quiet=rank > 0)
@@ -364,6 +438,7 @@ class RunState:
     history: list = field(default_factory=list)  # validation scores
     curve: list = field(default_factory=list)  # training loss every LOG_EVERY steps
     wandb_id: str = None
+    warmup_end: float = None  # the run's progress when the LR warm-up ended (the cosine spans the rest); None before
 
 
 class Trainer:
@@ -383,13 +458,16 @@ class Trainer:
         self.out_dir = prepare_out_dir(cfg, rank)
         self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(self.ckpt_path) if os.path.exists(self.ckpt_path) else None
-        if ckpt is not None and checkpoint_shape(ckpt["config"]) != checkpoint_shape(cfg):
-            saved, asked = checkpoint_shape(ckpt["config"]), checkpoint_shape(cfg)
-            differ = ", ".join(f"{k}={v} (this run: {asked.get(k)})" for k, v in saved.items() if asked.get(k) != v)
-            raise UserError(f"{self.ckpt_path} holds a model of another shape: {differ}; pass its values as "
-                            "--key=value to resume it, or pick another --out_dir or delete it")
+        if ckpt is not None and differences(checkpoint_shape(ckpt["config"]), checkpoint_shape(cfg)):
+            raise UserError(f"{self.ckpt_path} holds a model of another shape: "
+                            f"{differences(checkpoint_shape(ckpt['config']), checkpoint_shape(cfg))}; pass its values "
+                            "as --key=value to resume it, or pick another --out_dir or delete it")
+        asked = cfg["DATA"]
         self.cfg = cfg = {**cfg, "DATA": run_data(cfg, ckpt, rank, world)}
         self.load_data()
+        self.scene_record = scene_record(cfg, asked, self.scene, self.train_views)
+        if ckpt is not None:
+            check_same_scene(saved_scene_record(ckpt), self.scene_record, self.ckpt_path)
         if self.main_rank:
             write_json(cfg, os.path.join(self.out_dir, "config.json"))
         self.model = build_model(cfg, device)
@@ -428,16 +506,22 @@ class Trainer:
     def resume(self, ckpt):
         """Restore weights, optimizer, scaler, generator and grid from a checkpoint; returns its RunState."""
         load_weights(self.model, ckpt["model"], self.ckpt_path)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.generator.set_state(ckpt["generator"].to(self.generator.get_state().device))
         if self.grid is not None:
             self.grid.load_state_dict(ckpt["grid"])
+        # a checkpoint from before warmup_end was kept: its cosine spanned the whole run, from progress 0
+        warmup_end = ckpt.get("warmup_end", 0.0 if ckpt["step"] >= self.cfg["WARMUP_STEPS"] else None)
         state = RunState(ckpt["step"], ckpt["train_seconds"], ckpt["history"], ckpt.get("curve", []),
-                         ckpt.get("wandb_id"))
+                         ckpt.get("wandb_id"), warmup_end)
+        changed = differences({k: ckpt["config"][k] for k in OPTIMIZER_KEYS}, self.cfg)
         if self.main_rank:
             print(f"resuming {self.ckpt_path} at step {state.step} ({state.train_seconds:.0f} s trained)",
                   file=sys.stderr)
+            if changed:
+                print(f"notice: optimizer settings other than the checkpoint's, applied from step {state.step + 1}: "
+                      f"{changed}", file=sys.stderr)
         return state
 
     def check_same_start(self):
@@ -478,6 +562,25 @@ class Trainer:
     def done(self):
         """Whether training is over: MAX_STEPS reached, or the time budget spent."""
         return self.state.step >= self.cfg["MAX_STEPS"] or 0 < self.cfg["TIME_BUDGET_S"] <= self.state.train_seconds
+
+    def announce(self):
+        """One line on stderr (rank 0) as training starts: what trains on what, from which step, until when (the
+        progress bar is off when stderr is not a terminal, as in a log)."""
+        cfg, rec = self.cfg, self.scene_record
+        until = f"{cfg['MAX_STEPS']} steps" + (f" or {cfg['TIME_BUDGET_S']:g} s" if cfg["TIME_BUDGET_S"] else "")
+        if self.main_rank:
+            print(f"training {cfg['EXPERIMENT']} on {cfg['DATA']} ({len(self.train_views.images)} views, "
+                  f"{rec['resolution']}, {rec['background']}) from step {self.state.step} until {until}",
+                  file=sys.stderr, flush=True)
+
+    def scheduled_learning_rate(self):
+        """The LR of the next step, at the progress the run will have made once it is done (by steps; by time, the
+        time so far): the last step of a run MAX_STEPS long trains at MIN_LR. Records when warm-up ends."""
+        state = self.state
+        frac = progress(self.cfg, state.step + 1, state.train_seconds)
+        if state.warmup_end is None and warmup_factor(self.cfg, state.step, frac) >= 1:
+            state.warmup_end = frac
+        return learning_rate(self.cfg, state.step, frac, state.warmup_end)
 
     def set_learning_rate(self, lr):
         """Set every parameter group's learning rate, lr times its lr_scale (the graph reads it from the tensor it
@@ -600,6 +703,7 @@ class Trainer:
                              "optimizer": plain_state(self.optimizer.state_dict()), "scaler": self.scaler.state_dict(),
                              "generator": self.generator.get_state(),
                              "grid": self.grid.state_dict() if self.grid is not None else None, "config": self.cfg,
+                             "scene": self.scene_record,
                              **asdict(self.state)}, self.ckpt_path)
 
     def checkpoint_if_due(self):
@@ -662,11 +766,11 @@ class Trainer:
 def fit(cfg, rank, world, device):
     """The training loop of one rank (rank 0 of 1 without torchrun); returns the final metrics dict."""
     trainer = Trainer(cfg, rank, world, device)
-    state = trainer.state
     with GracefulStop(not dist.is_initialized()) as stop:  # Ctrl-C: end the step, checkpoint, stop
+        trainer.announce()
         while not trainer.done() and stop.signum is None:
             t0 = time.perf_counter()
-            lr = learning_rate(trainer.cfg, state.step, progress(trainer.cfg, state.step, state.train_seconds))
+            lr = trainer.scheduled_learning_rate()
             trainer.set_learning_rate(lr)
             trainer.update_grid()
             mse, reg, grad_norm = trainer.train_step()

@@ -1,5 +1,6 @@
 """The training loop end to end: learning, resuming, outputs, eval.py and bad input at the command line."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,6 +56,117 @@ def test_resume_after_interruption_gives_the_same_parameters(encoding, small_cfg
         assert metrics["val_psnr"] == json.load(f)["val_psnr"]
 
 
+def lr_schedule(cfg, seconds_per_step=0.0):
+    """The learning rate of every step of a run of cfg whose steps each take seconds_per_step, from the trainer's own
+    schedule."""
+    from types import SimpleNamespace
+
+    trainer, lrs = SimpleNamespace(cfg=cfg, state=train.RunState()), []
+    while not train.Trainer.done(trainer):
+        lrs.append(train.Trainer.scheduled_learning_rate(trainer))
+        trainer.state.step += 1
+        trainer.state.train_seconds += seconds_per_step
+    return lrs
+
+
+@pytest.mark.parametrize("run, peak", [("120 steps", 11), ("30 steps", 2), ("10 seconds", 8)])
+def test_the_lr_warms_up_to_its_peak_then_falls_smoothly_to_min_lr_in_any_run(run, peak):
+    """Warm-up takes WARMUP_STEPS or a tenth of the run, whichever is shorter; the cosine spans the rest. Before, a
+    120-step run fell 11x in one step when warm-up ended, and a 30-step one never left warm-up (ending at 0.3 LR)."""
+    from configs import EXP1
+
+    timed = "seconds" in run
+    cfg = {**EXP1, "WARMUP_STEPS": 100, "MAX_STEPS": 10 ** 9 if timed else int(run.split()[0]),
+           "TIME_BUDGET_S": 10.0 if timed else 0.0}
+    lrs = lr_schedule(cfg, seconds_per_step=0.125 if timed else 0.0)  # by time: 80 steps
+    span, after = EXP1["LR"] - EXP1["MIN_LR"], len(lrs) - peak - 1
+    assert max(lrs) == pytest.approx(EXP1["LR"]) and lrs.index(max(lrs)) == peak  # a tenth of the run
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1], strict=True))  # a linear ramp up
+    drops = [a - b for a, b in zip(lrs[peak:], lrs[peak + 1:], strict=False)]
+    assert min(drops) >= 0 and max(drops) <= 1.01 * span * math.pi / 2 / after  # the cosine's steepest: no cliff
+    assert lrs[-1] == pytest.approx(EXP1["MIN_LR"], abs=0.01 * span)  # by time: the last step's share short of it
+
+
+def test_a_long_run_warms_up_over_warmup_steps():
+    from configs import EXP1
+
+    lrs = lr_schedule({**EXP1, "WARMUP_STEPS": 100, "MAX_STEPS": 7000})
+    assert lrs[:100] == pytest.approx([EXP1["LR"] * (k + 1) / 100 for k in range(100)]) and lrs[99] == max(lrs)
+    assert lrs[-1] == pytest.approx(EXP1["MIN_LR"]) and lrs[3549] == pytest.approx(
+        (EXP1["LR"] + EXP1["MIN_LR"]) / 2, rel=1e-3)  # halfway through the 6,900 steps after warm-up
+
+
+def test_a_resume_applies_changed_optimizer_settings_and_records_what_ran(small_cfg, capsys):
+    """load_state_dict put the checkpoint's weight decay, eps and AMSGrad back while config.json said otherwise."""
+    train.train({**small_cfg, "MAX_STEPS": 10})
+    changed = {"WEIGHT_DECAY": 0.5, "ADAM_EPS": 1e-3, "AMSGRAD": True}
+    train.train({**small_cfg, **changed, "MAX_STEPS": 20})
+    assert "WEIGHT_DECAY=0.0 (this run: 0.5), ADAM_EPS=1e-08 (this run: 0.001), AMSGRAD=False (this run: True)" \
+        in capsys.readouterr().err
+    ckpt = torch.load(os.path.join(small_cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert (group["weight_decay"], group["eps"], group["amsgrad"]) == (0.5, 1e-3, True)
+    for state in ckpt["optimizer"]["state"].values():  # AMSGrad's running maximum was kept from step 11 on
+        assert state["step"] == 20 and (state["max_exp_avg_sq"] >= state["exp_avg_sq"]).all()
+    with open(os.path.join(small_cfg["OUT_DIR"], "config.json")) as f:
+        recorded = json.load(f)
+    assert {k: recorded[k] for k in changed} == changed
+
+
+def test_a_resume_applies_a_changed_hash_table_lr(small_cfg):
+    cfg = {**small_cfg, **{k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}, "HASH_LOG2_SIZE": 12}
+    train.train({**cfg, "MAX_STEPS": 10})
+    train.train({**cfg, "HASH_LR": 3e-2, "MAX_STEPS": 20})
+    rest, table = torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"]
+    assert table["lr_scale"] == pytest.approx(3.0) and table["lr"] == pytest.approx(3 * rest["lr"])
+
+
+def test_a_checkpoint_is_never_resumed_on_other_data_and_is_kept(small_cfg, tmp_path, monkeypatch):
+    """It resumed a synthetic-scene run on lego without a word, and the final line called it a lego run."""
+    import numpy as np
+
+    from conftest import write_blender
+    from dataset import synthetic_scene
+
+    train.train({**small_cfg, "MAX_STEPS": 5})
+    out = Path(small_cfg["OUT_DIR"])
+    before = {name: (out / name).read_bytes() for name in ("ckpt.pt", "config.json")}
+    npz = tmp_path / "scene.npz"
+    np.savez(npz, **dict(zip(("images", "poses", "focal"), synthetic_scene(n_views=6, size=16), strict=True)))
+    with pytest.raises(UserError, match=rf"ckpt.pt was trained on other data: data=synthetic \(this run: {npz}\), "
+                                        r"resolution=48x48 \(this run: 16x16\), far=5.0 \(this run: 6.0\); use "
+                                        r"another --out_dir or delete ckpt.pt \(or pass --data=synthetic"):
+        train.train({**small_cfg, "DATA": str(npz), "MAX_STEPS": 10})
+    assert {name: (out / name).read_bytes() for name in before} == before
+    folder = write_blender(tmp_path / "scene", *synthetic_scene(n_views=6, size=16))  # white, then black
+    white = {**small_cfg, "DATA": folder, "OUT_DIR": str(tmp_path / "white"), "MAX_STEPS": 5}
+    train.train(white)
+    with pytest.raises(UserError, match=r"other data: background=white \(this run: black\); use another"):
+        train.train({**white, "BACKGROUND": "black", "MAX_STEPS": 10})
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    monkeypatch.chdir(moved)  # the same folder by another path resumes
+    assert train.train({**white, "DATA": os.path.relpath(folder), "MAX_STEPS": 10})["steps"] == 10
+
+
+def test_data_auto_resumes_on_the_checkpoints_data_only_if_it_asked_for_auto_too(small_cfg, tmp_path, monkeypatch):
+    import numpy as np
+
+    import dataset
+
+    monkeypatch.setenv("NERF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(dataset, "TINY_NERF_URL", "http://127.0.0.1:9/tiny_nerf_data.npz")  # offline
+    auto, smoke = ({**small_cfg, "DATA": data, "OUT_DIR": str(tmp_path / data), "MAX_STEPS": 5}
+                   for data in ("auto", "synthetic"))
+    assert train.train(auto)["data"] == train.train(smoke)["data"] == "synthetic"
+    np.savez(tmp_path / "src.npz", **dict(zip(("images", "poses", "focal"), dataset.synthetic_scene(6, 16),
+                                              strict=True)))
+    monkeypatch.setattr(dataset, "TINY_NERF_URL", f"file://{tmp_path / 'src.npz'}")  # back online
+    assert train.train({**auto, "MAX_STEPS": 10})["data"] == "synthetic"  # 'auto' then and now: its own data
+    with pytest.raises(UserError, match=r"other data: data=synthetic \(this run: tiny_nerf\).*--data=synthetic"):
+        train.train({**smoke, "DATA": "auto", "MAX_STEPS": 10})  # a plain exp1.py after a --data=synthetic smoke
+
+
 def test_the_cuda_graph_is_used_only_on_cuda_without_torchrun_or_float16():
     import torch.distributed as dist
 
@@ -80,10 +192,10 @@ def test_ctrl_c_ends_the_step_checkpoints_and_a_rerun_ends_like_an_uninterrupted
     train.train(straight)
     real_lr = train.learning_rate
 
-    def ctrl_c_during_step_8(cfg, step, frac):
+    def ctrl_c_during_step_8(cfg, step, *args):
         if step == 7:  # mid-step: the batch of step 8 is still to be drawn and trained
             os.kill(os.getpid(), signal.SIGINT)
-        return real_lr(cfg, step, frac)
+        return real_lr(cfg, step, *args)
 
     monkeypatch.setattr(train, "learning_rate", ctrl_c_during_step_8)
     before = signal.getsignal(signal.SIGINT)
@@ -377,7 +489,8 @@ def test_the_logged_training_loss_is_the_photometric_mse_and_the_regulariser_is_
 
     monkeypatch.setattr(train, "render_rays", recording_render)
     monkeypatch.setattr(train, "sample_batch", recording_batch)
-    cfg = {**small_cfg, "OPACITY_REG": 0.5, "MAX_STEPS": 10, "LOG_EVERY": 5}  # strong: mixing it in would show
+    cfg = {**small_cfg, "OPACITY_REG": 0.5, "MAX_STEPS": 50, "LOG_EVERY": 5}  # strong: mixing it in would show;
+    # 50 steps: warm-up (a tenth of the run) lasts to step 5, where the regulariser has not won yet
     metrics = train.train(cfg)
     for point in metrics["curve"]:
         (rgb, acc), target = renders[point["step"] - 1], targets[point["step"] - 1]

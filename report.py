@@ -10,7 +10,8 @@ their spread. Once all have run, their 360-degree orbit and depth GIFs, the tabl
 the media directory.
 A full report (every preset, not --quick) writes media/ and rewrites the README's results block; --only and --quick
 write theirs under the run directory instead. --quick (a few seconds per experiment) checks that the pipeline
-works. Ctrl-C stops the running experiment at its checkpoint and writes nothing to the media directory.
+works. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops the running experiment at its checkpoint and writes
+nothing to the media directory.
 """
 import argparse
 import json
@@ -132,6 +133,19 @@ def command(exp, args, run_dir, seed=0):
     return launch + list(flags) + overrides
 
 
+class Stopped(Exception):
+    """The report was asked to stop by SIGTERM or SIGHUP (a closed terminal); Ctrl-C is a KeyboardInterrupt."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    """The handler of SIGTERM and SIGHUP while experiments run: stop the way Ctrl-C does."""
+    raise Stopped(signum)
+
+
 def run_experiment(exp, args, run_dir, group, seed=0):
     """Train one experiment (its output goes to run_dir/log.txt); its metrics, or None if it failed."""
     os.makedirs(run_dir, exist_ok=True)
@@ -139,12 +153,13 @@ def run_experiment(exp, args, run_dir, group, seed=0):
     print(f"[{time.strftime('%H:%M:%S')}] {exp}: {shlex.join(cmd)}", flush=True)
     t0 = time.perf_counter()
     with open(os.path.join(run_dir, "log.txt"), "w") as log:
-        # its own session: a Ctrl-C reaches report.py alone, which passes the child exactly one SIGINT
+        # its own session: a Ctrl-C (or a closed terminal's SIGHUP) reaches report.py alone, which passes the child
+        # exactly one SIGINT
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                 env={**os.environ, "WANDB_RUN_GROUP": group})
         try:
             code = proc.wait()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Stopped):
             proc.send_signal(signal.SIGINT)  # the run ends its step, checkpoints and exits
             proc.wait()
             raise
@@ -342,10 +357,12 @@ def run_all(args, argv):
             run_dir = run_dir_of(args, exp, seed)
             try:
                 metrics = run_experiment(exp, args, run_dir, group, seed)
-            except KeyboardInterrupt:
-                print(f"stopped: Ctrl-C during {exp}; its checkpoint is in {run_dir} (rerun its command to resume); "
-                      f"nothing was written to {args.media_dir}", file=sys.stderr)
-                sys.exit(130)
+            except (KeyboardInterrupt, Stopped) as e:
+                signum = getattr(e, "signum", signal.SIGINT)
+                print(f"stopped: {'Ctrl-C' if signum == signal.SIGINT else e} during {exp}; its checkpoint is in "
+                      f"{run_dir} (rerun its command to resume); nothing was written to {args.media_dir}",
+                      file=sys.stderr)
+                sys.exit(128 + signum)
             runs += [metrics] if metrics is not None else []
         if len(runs) == args.seeds:
             results[exp] = runs
@@ -381,7 +398,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     t0 = time.perf_counter()
+    handlers = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
     results, rows = run_all(args, argv)
+    for s, handler in handlers.items():  # writing the media is atomic, file by file: the default stop will do
+        signal.signal(s, handler)
     if results:
         try:
             write_media(results, rows, args, argv, time.perf_counter() - t0)

@@ -129,19 +129,42 @@ def test_report_groups_its_wandb_runs_under_its_name_offline(tmp_path):
     assert len(runs) == 1 and bytes([len(out_dir.name)]) + out_dir.name.encode() in runs[0].read_bytes()
 
 
-def test_ctrl_c_stops_the_report_in_one_line_with_the_run_checkpointed_and_nothing_in_media(tmp_path):
+def processes_naming(text):
+    """The pids of the live processes whose command line contains text (Linux: /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                pids.append(int(entry.name))
+        except OSError:  # it ended while we looked
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_stops_the_report_and_its_experiment_at_a_checkpoint_with_nothing_in_media(tmp_path, signum):
+    """Ctrl-C, SIGTERM or a closed terminal's SIGHUP: the running experiment checkpoints and exits, nothing is left
+    running (SIGTERM and SIGHUP orphaned it, and it went on writing its outputs) and media/ gets nothing."""
     out_dir, media = tmp_path / "runs", tmp_path / "media"
     proc = subprocess.Popen([sys.executable, "report.py", "--quick", "--budget_s=60", "--only=exp1,exp3",
                              f"--out_dir={out_dir}", f"--media_dir={media}", "--wandb=disabled"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ours ignores it
-    ckpt, deadline = out_dir / "exp1" / "ckpt.pt", time.time() + 120
-    while not ckpt.exists() and time.time() < deadline:
-        time.sleep(0.2)  # exp1 is training: its first periodic checkpoint is written
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("stopped: Ctrl-C during exp1;"), err
-    assert "stopped: SIGINT at step" in (out_dir / "exp1" / "log.txt").read_text()  # it checkpointed where it was
-    assert not (out_dir / "exp3").exists()
-    assert os.listdir(media) == []  # no GIF, curves or results.md of a half-done report
+    log, deadline = out_dir / "exp1" / "log.txt", time.time() + 120
+    try:
+        while time.time() < deadline and not (log.exists() and "training exp1 on" in log.read_text()):
+            time.sleep(0.1)  # exp1 has started training
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signum, err
+        name = "Ctrl-C" if signum == signal.SIGINT else signum.name
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"stopped: {name} during exp1;"), err
+        assert processes_naming(str(out_dir)) == []  # the experiment is not left running
+        assert "stopped: SIGINT at step" in log.read_text()  # it checkpointed where it was
+        assert (out_dir / "exp1" / "ckpt.pt").exists() and not (out_dir / "exp1" / "metrics.json").exists()
+        assert not (out_dir / "exp3").exists()
+        assert os.listdir(media) == []  # no GIF, curves or results.md of a half-done report
+    finally:
+        for pid in processes_naming(str(out_dir)):  # an orphan must not outlive the test
+            os.kill(pid, signal.SIGKILL)

@@ -13,10 +13,10 @@ EXP1 = {
     "EXPERIMENT": "exp1",        # name of the run (wandb run name, checkpoint tag)
     "RECIPE": "none",            # 'none' (the preset: 100 px views on a CPU) or a RECIPES name, applied over the preset
     # data
-    "DATA": "auto",              # 'auto' (tiny_nerf if reachable, else synthetic), 'tiny_nerf', 'synthetic', .npz, dir
+    "DATA": "auto",              # 'auto' (resuming an auto run: its data; else tiny_nerf or synthetic), .npz, dir, ...
     "DOWNSCALE": 1,              # nerf_synthetic folder: integer image downscale (800 px: 1, 2, 4, 8 = 800 ... 100 px)
     "BACKGROUND": "white",       # nerf_synthetic folder: RGBA composited over 'white' (the field's protocol) or 'black'
-    "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume
+    "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume (same data)
     # model (nerf.py, bitnerf.py)
     "MODEL": "nerf",             # 'nerf' (fp32 weights) or 'bitnerf' (RMSNorm + BitNet b1.58 ternary QAT and export)
     "ENCODING": "frequency",     # xyz: 'frequency' (sin/cos into the NUM_LAYERS MLP) or 'hash' (Instant-NGP's grid)
@@ -48,8 +48,8 @@ EXP1 = {
     "LR": 2e-3,                  # peak AdamW learning rate (of the MLP, under ENCODING=hash)
     "HASH_LR": 1e-2,             # hash: peak learning rate of the table (the same schedule, scaled by HASH_LR / LR)
     "ADAM_EPS": 1e-8,            # AdamW epsilon (1e-15 for a hash table, as Instant-NGP: rare entries keep full steps)
-    "MIN_LR": 5e-5,              # learning rate at the end of the cosine decay
-    "WARMUP_STEPS": 100,         # linear warm-up steps
+    "MIN_LR": 5e-5,              # learning rate at the run's end, where the cosine decay after warm-up ends
+    "WARMUP_STEPS": 100,         # linear LR warm-up steps (at most a tenth of the run; then the cosine to MIN_LR)
     "WEIGHT_DECAY": 0.0,         # AdamW decoupled weight decay
     "AMSGRAD": False,            # AdamW's AMSGrad variant
     "FUSED_OPTIM": False,        # fused AdamW where the device supports it (elsewhere a notice and the plain one)

@@ -9,9 +9,9 @@ training time passes an eighth of the budget (the PSNR curve; a half under --qui
 their spread. Once all have run, their 360-degree orbit and depth GIFs, the table and the curves are written to
 the media directory.
 A full report (every preset, not --quick) writes media/ and rewrites the README's results block; --only and --quick
-write theirs under the run directory instead. --quick (a few seconds per experiment) checks that the pipeline
-works. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops the running experiment at its checkpoint and writes
-nothing to the media directory.
+write theirs under the run directory instead. --quick (a few seconds per experiment, a coarser occupancy grid)
+checks that the pipeline works. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops the running experiment at
+its checkpoint and writes nothing to the media directory.
 """
 import argparse
 import json
@@ -31,7 +31,8 @@ from utils import atomic_write, write_text
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXPERIMENTS = (*configs.PRESETS, *configs.VARIANTS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
-QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic", "curve_points": 2}
+# --quick: a pipeline check. A 32^3 occupancy grid: a BitNeRF export's grid, measured from the model, costs 8x less
+QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic", "curve_points": 2, "grid_res": 32}
 CURVE_POINTS = 8  # validations on all views per run, at equal shares of the budget (the last one at its end)
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
 COLUMNS = ["experiment", "precision", "bits/weight", "processes", "steps", "train s", "wall s", "samples/s",
@@ -130,6 +131,8 @@ def command(exp, args, run_dir, seed=0):
                  f"--seed={cfg['SEED'] + seed}"]
     if args.downscale:
         overrides.append(f"--downscale={args.downscale}")
+    if args.quick:
+        overrides.append(f"--grid_res={QUICK['grid_res']}")
     return launch + list(flags) + overrides
 
 
@@ -274,8 +277,9 @@ def commit():
         return "?"
 
 
-def results_markdown(rows, results, args, argv, total_s, media=""):
-    """The text of results.md: how it was made, the table, the curves and the GIFs (linked under media)."""
+def results_markdown(rows, results, args, argv, total_s, media="", gifs=True):
+    """The text of results.md: how it was made, the table, the curves and the GIFs (linked under media); without
+    gifs (the README's block) a link to results.md in their place."""
     first = next(iter(results.values()))[0]
     seeds = f"; each cell the mean ± sample standard deviation over {args.seeds} seeds" if args.seeds > 1 else ""
     lines = [f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Data: `{os.path.basename(args.data)}` at "
@@ -294,8 +298,11 @@ def results_markdown(rows, results, args, argv, total_s, media=""):
              f"views at every 1/{curve_points(args)} of the budget and at the PSNR@ times"
              + (", shaded: loss min-max and PSNR ± one standard deviation over seeds" if args.seeds > 1 else "")
              + ". PSNR@Ns: the PSNR on all validation views when training time passed N s.", ""]
-    gifs = [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)" for exp in results]
-    return "\n".join(lines) + "\n" + "\n\n".join(gifs) + "\n"
+    if not gifs:
+        return "\n".join(lines) + f"\nEach experiment's orbit and depth GIFs: [{media}results.md]({media}results.md).\n"
+    orbits = [f"**{exp}** ![{exp} orbit]({media}{exp}_rgb.gif) ![{exp} depth]({media}{exp}_depth.gif)"
+              for exp in results]
+    return "\n".join(lines) + "\n" + "\n\n".join(orbits) + "\n"
 
 
 def update_readme(path, text):
@@ -384,7 +391,7 @@ def write_media(results, rows, args, argv, total_s):
     print(f"wrote {os.path.join(args.media_dir, 'results.md')}")
     if args.readme:
         media = os.path.relpath(args.media_dir, os.path.dirname(os.path.abspath(args.readme)))
-        update_readme(args.readme, results_markdown(rows, results, args, argv, total_s, media + "/"))
+        update_readme(args.readme, results_markdown(rows, results, args, argv, total_s, media + "/", gifs=False))
 
 
 def main(argv=None):

@@ -56,6 +56,51 @@ def write_blender(folder, images, poses, focal, splits=("train", "val")):
     return str(folder)
 
 
+def table_rows(markdown):
+    """The rows of the results table in a report's results.md, as dicts keyed by column."""
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[2:]]
+
+
+def quick_report_group(exp):
+    """Which of the quick report's tests runs an experiment: 'torchrun' (test_ddp), 'bitnerf' (test_bitnerf; its
+    compile and export) or 'single' (test_report). Every experiment falls in one, so every one is run; three tests
+    in three files let the two test workers share them."""
+    import report
+
+    cfg = report.experiment_config(exp)
+    return "torchrun" if cfg["LAUNCH"] == "torchrun" else "bitnerf" if cfg["MODEL"] == "bitnerf" else "single"
+
+
+def check_quick_report(tmp_path, group):
+    """Run `report.py --quick` on the experiments of a quick_report_group; assert each went through the report and
+    its row of the table parses, with an export for a BitNeRF, and that the GIFs and curves were written."""
+    import report
+
+    exps = [e for e in report.EXPERIMENTS if quick_report_group(e) == group]
+    out = run_cli("report.py", "--quick", "--budget_s=2", f"--only={','.join(exps)}", f"--out_dir={tmp_path}",
+                  "--wandb=disabled", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = table_rows((tmp_path / "results.md").read_text())
+    assert [r["experiment"] for r in rows] == exps
+    for r in rows:
+        cfg = report.experiment_config(r["experiment"])
+        assert int(r["steps"]) > 0 and float(r["train s"]) >= 2 - 1
+        assert float(r["samples/s"].replace(",", "")) > 0 and int(r["peak mem MB"]) > 0
+        assert 5.0 < float(r["val PSNR"].split()[0]) < 60.0 and -1.0 <= float(r["val SSIM"]) <= 1.0
+        assert int(r["processes"]) == (2 if cfg["LAUNCH"] == "torchrun" else 1)
+        assert r["checkpoint"].endswith(("kB", "MB"))
+        if cfg["MODEL"] == "bitnerf":  # exp4, exp6, exp7-bitnerf: the export, evaluated as exported
+            assert r["export"].endswith("kB") and float(r["val PSNR"].split("export ")[1].rstrip(")")) > 5.0
+        else:
+            assert r["export"] == "-"
+        assert (tmp_path / f"{r['experiment']}_rgb.gif").stat().st_size > 0
+        assert (tmp_path / f"{r['experiment']}_depth.gif").stat().st_size > 0
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows
+
+
 def small(out_dir):
     """A seconds-long exp1 on the synthetic scene: small MLP, no compile, no wandb, no video."""
     return {**EXP1, "DATA": "synthetic", "OUT_DIR": str(out_dir), "NUM_LAYERS": 4, "NUM_SAMPLES": 32,
@@ -103,4 +148,4 @@ def bitnerf_run(tmp_path_factory):
     """A 40-step exp4 on the synthetic scene, with SEED, CHUNK and ERT_TRANSMITTANCE overridden, trained once."""
     return trained_once(tmp_path_factory, "bitnerf", lambda out: {
         **small(out), "MODEL": EXP4["MODEL"], "EXPERIMENT": "exp4", "SEED": 3, "CHUNK": 700,
-        "ERT_TRANSMITTANCE": 0.02})
+        "ERT_TRANSMITTANCE": 0.02, "GRID_RES": 32})

@@ -21,7 +21,7 @@ from bitnerf import (
     unpack_ternary,
 )
 from configs import EXP1, EXP4
-from conftest import one_line_error, run_cli
+from conftest import check_quick_report, one_line_error, run_cli
 
 
 def qat_model(**kwargs):
@@ -121,8 +121,8 @@ def test_exported_model_reproduces_the_qat_model_and_leaves_it_untouched():
 
 @pytest.fixture
 def bit_cfg(small_cfg):
-    """A seconds-long exp4 on the synthetic scene."""
-    return {**small_cfg, "MODEL": EXP4["MODEL"], "EXPERIMENT": "exp4"}
+    """A seconds-long exp4 on the synthetic scene (a 32^3 grid: its export's grid is measured from the model)."""
+    return {**small_cfg, "MODEL": EXP4["MODEL"], "EXPERIMENT": "exp4", "GRID_RES": 32}
 
 
 def test_bitnerf_trains_exports_and_resumes(bit_cfg, tmp_path, monkeypatch):
@@ -189,3 +189,8 @@ def test_compiled_qat_model_matches_eager_forward_and_backward():
         assert (a - b).abs().max() < 1e-2 and (a - b).abs().mean() < 1e-4
     for g, g_c in zip(grads, grads_c, strict=True):
         assert (g - g_c).norm() <= 1e-2 * g.norm() + 1e-6
+
+
+def test_quick_report_trains_exports_and_tabulates_the_bitnerf_experiments(tmp_path):
+    """exp4 and exp7-bitnerf through report.py --quick, compiled as their presets say (test_report: the others)."""
+    assert [r["experiment"] for r in check_quick_report(tmp_path, "bitnerf")] == ["exp4", "exp7-bitnerf"]

@@ -161,7 +161,7 @@ def test_the_bitnerf_hash_export_round_trips_with_weights_only(bits):
 
 
 def test_a_bitnerf_hash_run_exports_smaller_and_scores_as_exported(tmp_path):
-    cfg = {**hash_cfg(tmp_path / "run"), "MODEL": "bitnerf", "MAX_STEPS": 30}
+    cfg = {**hash_cfg(tmp_path / "run"), "MODEL": "bitnerf", "MAX_STEPS": 30, "GRID_RES": 32}  # the export's grid
     metrics = train.train(cfg)
     entries = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]["encoding.table"].numel()
     # deflate stores the codes in fewer bits than their width (they cluster at 0): the whole export, MLP included

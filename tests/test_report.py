@@ -11,38 +11,22 @@ import pytest
 import configs
 import report
 from configs import UserError
-from conftest import ROOT, run_cli
+from conftest import ROOT, check_quick_report, quick_report_group, run_cli
 
 
-def table_rows(markdown):
-    """The rows of the results table in results.md, as dicts keyed by column."""
-    lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[2:]]
-
-
-def test_quick_report_runs_every_experiment_and_writes_a_table_that_parses(tmp_path):
+def test_quick_report_runs_every_single_process_experiment_and_writes_a_table_that_parses(tmp_path):
+    """With test_bitnerf's and test_ddp's quick reports, every experiment of report.py (conftest.quick_report_group)."""
     readme = Path(ROOT) / "README.md"
     readme_before = readme.read_text()
-    out = run_cli("report.py", "--quick", "--budget_s=3", f"--out_dir={tmp_path}", "--wandb=disabled", timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = table_rows((tmp_path / "results.md").read_text())
-    assert [r["experiment"] for r in rows] == list(report.EXPERIMENTS)
-    for r in rows:
-        cfg = report.experiment_config(r["experiment"])
-        assert int(r["steps"]) > 0 and float(r["train s"]) >= 3 - 1
-        assert float(r["samples/s"].replace(",", "")) > 0 and int(r["peak mem MB"]) > 0
-        assert 5.0 < float(r["val PSNR"].split()[0]) < 60.0 and -1.0 <= float(r["val SSIM"]) <= 1.0
-        assert int(r["processes"]) == (2 if cfg["LAUNCH"] == "torchrun" else 1)
-        assert r["checkpoint"].endswith("MB")
-        if cfg["MODEL"] == "bitnerf":  # exp4, exp6, exp7-bitnerf: the export, evaluated as exported
-            assert r["export"].endswith("kB") and float(r["val PSNR"].split("export ")[1].rstrip(")")) > 5.0
-        else:
-            assert r["export"] == "-"
-        assert (tmp_path / f"{r['experiment']}_rgb.gif").stat().st_size > 0
-        assert (tmp_path / f"{r['experiment']}_depth.gif").stat().st_size > 0
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["experiment"] for r in check_quick_report(tmp_path, "single")] == ["exp1", "exp2", "exp3", "exp7"]
     assert readme.read_text() == readme_before  # --quick never rewrites the README
+
+
+def test_the_quick_reports_groups_hold_every_experiment():
+    groups = {g: [e for e in report.EXPERIMENTS if quick_report_group(e) == g] for g in ("single", "bitnerf",
+                                                                                           "torchrun")}
+    assert groups == {"single": ["exp1", "exp2", "exp3", "exp7"], "bitnerf": ["exp4", "exp7-bitnerf"],
+                      "torchrun": ["exp5", "exp6"]}
 
 
 def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):

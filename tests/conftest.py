@@ -18,6 +18,18 @@ sys.path.insert(0, ROOT)
 
 from configs import EXP1, EXP4  # noqa: E402
 
+# pytest-xdist gives a worker the next test file, in collection order (--no-loadscope-reorder), once it is nearly
+# idle: the longest files first (pytest --durations=0 says which), so no worker is left with a long one at the end
+LONGEST_FIRST = ("test_ddp.py", "test_train.py", "test_bitnerf.py", "test_resume.py", "test_report.py",
+                 "test_multinode.py", "test_precision.py", "test_scale.py", "test_hash.py", "test_eval.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Collect the files of LONGEST_FIRST first, in its order, then the others in theirs."""
+    order = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: order.get(item.path.name, len(order)))
+
+
 # a seconds-long run at the command line: small MLP, no compile, no wandb, no video, 2 steps
 FAST = ["--data=synthetic", "--compile=false", "--wandb=disabled", "--video_frames=0", "--max_steps=2",
         "--emb_dim=16", "--num_layers=2", "--eval_every=0"]

@@ -20,8 +20,8 @@ from configs import EXP1, EXP4  # noqa: E402
 
 # pytest-xdist gives a worker the next test file, in collection order (--no-loadscope-reorder), once it is nearly
 # idle: the longest files first (pytest --durations=0 says which), so no worker is left with a long one at the end
-LONGEST_FIRST = ("test_ddp.py", "test_train.py", "test_bitnerf.py", "test_resume.py", "test_report.py",
-                 "test_multinode.py", "test_precision.py", "test_scale.py", "test_hash.py", "test_eval.py")
+LONGEST_FIRST = ("test_ddp.py", "test_hash.py", "test_train.py", "test_bitnerf.py", "test_report.py", "test_resume.py",
+                 "test_multinode.py", "test_precision.py", "test_scale.py", "test_eval.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -76,13 +76,13 @@ def table_rows(markdown):
 
 
 def quick_report_group(exp):
-    """Which of the quick report's tests runs an experiment: 'torchrun' (test_ddp), 'bitnerf' (test_bitnerf; its
-    compile and export) or 'single' (test_report). Every experiment falls in one, so every one is run; three tests
-    in three files let the two test workers share them."""
+    """Which of the quick report's tests runs an experiment, by its model: 'nerf' (test_report), 'bitnerf'
+    (test_bitnerf: exp6 compiles what exp4 did, from the cache) or 'hash' (test_hash). Every experiment falls in one,
+    so every one is run; three tests in three files let the two test workers share them."""
     import report
 
     cfg = report.experiment_config(exp)
-    return "torchrun" if cfg["LAUNCH"] == "torchrun" else "bitnerf" if cfg["MODEL"] == "bitnerf" else "single"
+    return "hash" if cfg["ENCODING"] == "hash" else "bitnerf" if cfg["MODEL"] == "bitnerf" else "nerf"
 
 
 def check_quick_report(tmp_path, group):

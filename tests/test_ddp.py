@@ -10,7 +10,7 @@ import torch
 
 import train
 from bitnerf import plain_state
-from conftest import ROOT, check_quick_report, run_cli
+from conftest import ROOT, run_cli
 
 TINY = ["--data=synthetic", "--num_layers=4", "--num_samples=32", "--batch_size=256", "--chunk=1024",
         "--eval_every=10", "--eval_views=2", "--log_every=5", "--video_frames=0", "--wandb=disabled"]
@@ -96,7 +96,10 @@ def test_bench_ddp_times_each_experiments_step_with_and_without_its_all_reduce(t
         assert float(r["gradient MB"]) == round(4 * numel / 2 ** 20, 2)  # all of the model's gradient is reduced
         synced, local = float(r["step ms"]), float(r["step ms without all-reduce"])
         assert synced > 0 and local > 0 and float(r["all-reduce alone ms"]) > 0
-        rounding = 0.1 + 100 * 0.1 / synced  # the two times are printed to 0.1 ms, the share to 0.1 %
+        # the times are printed to 0.1 ms (each +-0.05), the share 100 (1 - local / synced) to 0.1 %: its error is at
+        # most 5 (1 / synced + local / synced^2) + 0.05 (noise can make the step without the all-reduce the slower)
+        lowest = synced - 0.05
+        rounding = 0.05 + 5 * (1 + (local + 0.05) / lowest) / lowest
         assert float(r["% of step all-reduce"]) == pytest.approx(100 * (synced - local) / synced, abs=rounding)
     assert [r["points per rank"] for r in rows] == ["512", "2048", "1024", "2048"]  # exp7: 16 fine samples more
     alone = run_cli("bench.py", "--ddp", "--exps=exp5")
@@ -131,8 +134,3 @@ def test_consecutive_two_process_runs_exit_cleanly(tmp_path):
                         log=log)
         code, err = finish(proc, log)
         assert code == 0, (i, err[-3000:])
-
-
-def test_quick_report_runs_the_ddp_experiments_under_torchrun(tmp_path):
-    """exp5 and exp6 (compiled) through report.py --quick, two processes each (test_report: the others)."""
-    assert [r["experiment"] for r in check_quick_report(tmp_path, "torchrun")] == ["exp5", "exp6"]

@@ -9,7 +9,7 @@ import torch
 import train
 from bitnerf import build_bitnerf, export_ternary, load_ternary, pack_bits, table_codes, unpack_bits
 from configs import EXP7
-from conftest import run_cli, small
+from conftest import check_quick_report, run_cli, small
 from nerf import HashEncoding, HashNeRF, level_resolutions
 
 
@@ -178,3 +178,8 @@ def test_eval_scores_a_hash_run_as_training_did(tmp_path):
     res = run_cli("eval.py", cfg["OUT_DIR"])
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["psnr"] == pytest.approx(metrics["val_psnr"], abs=1e-3)
+
+
+def test_quick_report_trains_and_tabulates_the_hash_experiments(tmp_path):
+    """exp7 and exp7-bitnerf (compiled, exported) through report.py --quick (test_report: the others)."""
+    assert [r["experiment"] for r in check_quick_report(tmp_path, "hash")] == ["exp7", "exp7-bitnerf"]

@@ -14,19 +14,18 @@ from configs import UserError
 from conftest import ROOT, check_quick_report, quick_report_group, run_cli
 
 
-def test_quick_report_runs_every_single_process_experiment_and_writes_a_table_that_parses(tmp_path):
-    """With test_bitnerf's and test_ddp's quick reports, every experiment of report.py (conftest.quick_report_group)."""
+def test_quick_report_runs_every_nerf_experiment_and_writes_a_table_that_parses(tmp_path):
+    """With test_bitnerf's and test_hash's, every experiment of report.py runs (conftest.quick_report_group)."""
     readme = Path(ROOT) / "README.md"
     readme_before = readme.read_text()
-    assert [r["experiment"] for r in check_quick_report(tmp_path, "single")] == ["exp1", "exp2", "exp3", "exp7"]
+    assert [r["experiment"] for r in check_quick_report(tmp_path, "nerf")] == ["exp1", "exp2", "exp3", "exp5"]
     assert readme.read_text() == readme_before  # --quick never rewrites the README
 
 
 def test_the_quick_reports_groups_hold_every_experiment():
-    groups = {g: [e for e in report.EXPERIMENTS if quick_report_group(e) == g] for g in ("single", "bitnerf",
-                                                                                           "torchrun")}
-    assert groups == {"single": ["exp1", "exp2", "exp3", "exp7"], "bitnerf": ["exp4", "exp7-bitnerf"],
-                      "torchrun": ["exp5", "exp6"]}
+    groups = {g: [e for e in report.EXPERIMENTS if quick_report_group(e) == g] for g in ("nerf", "bitnerf", "hash")}
+    assert groups == {"nerf": ["exp1", "exp2", "exp3", "exp5"], "bitnerf": ["exp4", "exp6"],
+                      "hash": ["exp7", "exp7-bitnerf"]}
 
 
 def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):

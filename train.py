@@ -458,10 +458,10 @@ class Trainer:
         self.out_dir = prepare_out_dir(cfg, rank)
         self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(self.ckpt_path) if os.path.exists(self.ckpt_path) else None
-        if ckpt is not None and differences(checkpoint_shape(ckpt["config"]), checkpoint_shape(cfg)):
-            raise UserError(f"{self.ckpt_path} holds a model of another shape: "
-                            f"{differences(checkpoint_shape(ckpt['config']), checkpoint_shape(cfg))}; pass its values "
-                            "as --key=value to resume it, or pick another --out_dir or delete it")
+        other_shape = ckpt is not None and differences(checkpoint_shape(ckpt["config"]), checkpoint_shape(cfg))
+        if other_shape:
+            raise UserError(f"{self.ckpt_path} holds a model of another shape: {other_shape}; pass its values as "
+                            "--key=value to resume it, or pick another --out_dir or delete it")
         asked = cfg["DATA"]
         self.cfg = cfg = {**cfg, "DATA": run_data(cfg, ckpt, rank, world)}
         self.load_data()

@@ -96,6 +96,16 @@ def test_the_report_names_the_commit_its_runs_trained_on_read_before_it_wrote_me
     assert "code of commit abc1234 — " in written[0]
 
 
+def test_the_readme_block_links_the_gifs_that_results_md_shows(tmp_path):
+    """The README stays a manual under 15 KB: its results block links results.md for the orbits."""
+    args = report.parse_args([f"--out_dir={tmp_path}"])
+    args.commit = "abc1234"
+    results, rows = {"exp1": [{"resolution": "100x100", "background": "black"}]}, [{"experiment": "exp1"}]
+    block = report.results_markdown(rows, results, args, [], 60.0, "media/", gifs=False)
+    assert "[media/results.md](media/results.md)" in block and ".gif" not in block
+    assert "![exp1 orbit](media/exp1_rgb.gif)" in report.results_markdown(rows, results, args, [], 60.0, "media/")
+
+
 def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
     out = run_cli("report.py", "--only=exp1,exp9", f"--out_dir={tmp_path}")
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0 and "exp9" in out.stderr

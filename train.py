@@ -290,9 +290,10 @@ def compile_model(cfg, model, device, amp):
     fast = torch.compile(model, dynamic=True)  # the grid varies the batch size
     t0 = time.perf_counter()
     for n, grad in ((cfg["BATCH_SIZE"] * cfg["NUM_SAMPLES"], True), (cfg["CHUNK"] * cfg["NUM_SAMPLES"], False)):
-        dummy = torch.zeros(n, 3, device=device)
+        points = torch.zeros(n, 3, device=device)
+        dirs = torch.zeros(n, 3, device=device) if cfg["USE_VIEWDIRS"] else None  # not points: dynamo guards aliasing
         with torch.set_grad_enabled(grad), amp:
-            out = fast(dummy, dummy if cfg["USE_VIEWDIRS"] else None)
+            out = fast(points, dirs)
         if grad:
             sum(o.sum() for o in out).backward()
     model.zero_grad(set_to_none=True)

@@ -135,14 +135,14 @@ def mlp_step_gflops(cfg, device, points, reps=5):
 def count_mlp_points():
     """From now on, count the points training sends to the MLP, with and without gradients; returns the counts.
 
-    Counted where every model call of the loop goes (utils.query_points, OccupancyGrid.update) in training mode:
+    Counted where every model call of the loop goes (render.query_points, OccupancyGrid.update) in training mode:
     validation and videos (eval mode) and the export's grid rebuild after training are not training time.
     """
+    import render
     import train
-    import utils
 
     counts = {"grad": 0, "no_grad": 0, "training": True}
-    query, update, export = utils.query_points, utils.OccupancyGrid.update, train.export_and_evaluate
+    query, update, export = render.query_points, render.OccupancyGrid.update, train.export_and_evaluate
 
     def counted_query(model, points, dirs):
         if counts["training"] and model.training:
@@ -158,8 +158,8 @@ def count_mlp_points():
         counts["training"] = False
         return export(*args, **kwargs)
 
-    utils.query_points, utils.OccupancyGrid.update, train.export_and_evaluate = (counted_query, counted_update,
-                                                                                 export_after_training)
+    render.query_points, render.OccupancyGrid.update, train.export_and_evaluate = (counted_query, counted_update,
+                                                                                   export_after_training)
     return counts
 
 

@@ -21,8 +21,8 @@ from utils import save_checkpoint
 
 EXPORT_FORMAT = "bitnerf-ternary-v2"  # v2: the RMSNorms' gains in "rest"
 # the config keys an export keeps: what eval.py needs to render and score it as training did
-EXPORT_KEYS = ("DATA", "DOWNSCALE", "BACKGROUND", "NUM_SAMPLES", "NUM_FINE", "OCC_GRID", "SCENE_BOUND", "GRID_RES",
-               "SEED", "CHUNK", "ERT_TRANSMITTANCE", "DTYPE")
+EXPORT_KEYS = ("DATA", "DOWNSCALE", "BACKGROUND", "HOLDOUT", "FRAME", "SPACE", "NEAR", "FAR", "NUM_SAMPLES", "NUM_FINE",
+               "OCC_GRID", "SCENE_BOUND", "GRID_RES", "SEED", "CHUNK", "ERT_TRANSMITTANCE", "DTYPE")
 
 
 def norm_linear(in_dim, out_dim):

@@ -14,8 +14,13 @@ EXP1 = {
     "RECIPE": "none",            # 'none' (the preset: 100 px views on a CPU) or a RECIPES name, applied over the preset
     # data
     "DATA": "auto",              # 'auto' (resuming an auto run: its data; else tiny_nerf or synthetic), .npz, dir, ...
-    "DOWNSCALE": 1,              # nerf_synthetic folder: integer image downscale (800 px: 1, 2, 4, 8 = 800 ... 100 px)
-    "BACKGROUND": "white",       # nerf_synthetic folder: RGBA composited over 'white' (the field's protocol) or 'black'
+    "DOWNSCALE": 1,              # a folder's image downscale (nerf_synthetic 800 px: 4 = 200 px; LLFF: images_K/)
+    "BACKGROUND": "white",       # a folder's RGBA composited over 'white' (the field's protocol) or 'black'
+    "HOLDOUT": 8,                # a capture (LLFF, transforms.json): every HOLDOUT-th view validates (0: train ones)
+    "SPACE": "auto",             # 'auto' (the data's), 'cube' (objects), 'ndc' (forward-facing), 'contract' (unbounded)
+    "NEAR": 0.0,                 # depth where samples start along a ray (0 = the data's: 2 for Blender scenes)
+    "FAR": 0.0,                  # depth where they end (0 = the data's: 6 for Blender scenes)
+    "FRAME": "auto",             # the scene's frame: 'auto' (from the training views), or a run dir / ckpt.pt to share
     "OUT_DIR": "out/exp1",       # checkpoint, config.json, metrics.json and videos go here; rerun to resume (same data)
     # model (nerf.py, bitnerf.py)
     "MODEL": "nerf",             # 'nerf' (fp32 weights) or 'bitnerf' (RMSNorm + BitNet b1.58 ternary QAT and export)
@@ -39,7 +44,7 @@ EXP1 = {
     "NUM_FINE": 0,               # extra samples per ray drawn where a no-grad first pass found density (0 = one pass)
     "CHUNK": 4096,               # rays per forward pass when rendering whole images (memory, not results)
     "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training and rendering)
-    "SCENE_BOUND": 1.5,          # the scene lies inside the cube [-SCENE_BOUND, SCENE_BOUND]^3 (grid extent)
+    "SCENE_BOUND": 0.0,          # the model's cube [-b, b]^3 (0 = the data's: 1.5 Blender, 1 NDC, 2 contracted)
     "GRID_RES": 64,              # occupancy grid cells per axis
     "SKIP_ZERO_DENSITY": False,  # training: a no-grad pass drops the samples of zero ReLU density (no gradient) first
     "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)
@@ -125,13 +130,14 @@ CHOICES = {"MODEL": ("nerf", "bitnerf"), "ENCODING": ("frequency", "hash"), "DEN
            "DTYPE": ("float32", "bfloat16", "float16"), "DEVICE": ("auto", "cpu", "cuda"),
            "LAUNCH": ("python", "torchrun"), "BACKGROUND": ("white", "black"), "DDP_BACKEND": ("auto", "nccl", "gloo"),
            "NONFINITE": ("stop", "skip"), "WANDB": ("auto", "online", "offline", "disabled"),
+           "SPACE": ("auto", "cube", "ndc", "contract"),
            "RECIPE": tuple(RECIPES)}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
-            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "SCENE_BOUND", "GRID_RES", "VIDEO_DOWNSCALE",
+            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "GRID_RES", "VIDEO_DOWNSCALE",
             "HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS")
 NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR",
                 "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES",
-                "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS")
+                "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR", "FAR", "HOLDOUT")
 
 
 def parse_value(key, text, default):
@@ -178,6 +184,8 @@ def check_config(cfg):
         raise ConfigError(f"--hash_log2_size={cfg['HASH_LOG2_SIZE']}: must be 8 ... 24 (Instant-NGP uses 14 ... 24)")
     if cfg["MIN_LR"] > cfg["LR"]:
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
+    if cfg["NEAR"] and cfg["FAR"] and cfg["NEAR"] >= cfg["FAR"]:
+        raise ConfigError(f"--near={cfg['NEAR']} is not below --far={cfg['FAR']}; samples run from near to far")
 
 
 def eval_at_seconds(cfg):
@@ -190,6 +198,15 @@ def eval_at_seconds(cfg):
         raise ConfigError(f"--eval_at_s={cfg['EVAL_AT_S']}: expected positive seconds separated by commas, "
                           "like --eval_at_s=150,300,600")
     return marks
+
+
+def with_defaults(old):
+    """A config written by an older version, with the keys added since at EXP1's values (and WHITE_BKGD as the
+    BACKGROUND that replaced it), so that old runs resume and evaluate."""
+    old = dict(old)
+    if "WHITE_BKGD" in old:
+        old["BACKGROUND"] = "white" if old.pop("WHITE_BKGD") else "black"
+    return {**EXP1, **old}
 
 
 def key_docs():

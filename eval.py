@@ -15,17 +15,10 @@ import time
 
 from bitnerf import EXPORT_FORMAT, load_ternary
 from configs import UserError
-from dataset import folder_splits, load_scene, protocol
+from dataset import folder_splits, protocol, scene_of
+from render import Frame, build_grid, evaluate_views, rebuild_grid
 from train import autocast_context, build_model, resolve_device
-from utils import (
-    build_grid,
-    checkpoint_path,
-    evaluate_views,
-    keep_freed_memory,
-    load_checkpoint,
-    load_weights,
-    rebuild_grid,
-)
+from utils import checkpoint_path, keep_freed_memory, load_checkpoint, load_weights
 
 
 def default_split(data_arg, data):
@@ -82,22 +75,23 @@ def run(args):
     model = load_model(ckpt, cfg, device, path)
     data = args.data or cfg["DATA"]
     split = default_split(args.data, data) if args.split == "auto" else args.split
-    scene = load_scene(data, cfg["DOWNSCALE"], cfg["BACKGROUND"], splits=(split,))
+    # the run's frame: other views of its capture (their own poses_bounds.npy or transforms.json) land in it too
+    frame = Frame.of(cfg["FRAME"]) if isinstance(cfg["FRAME"], dict) else None
+    scene = scene_of({**cfg, "DATA": data}, (split,), frame)
     if split not in scene.splits:
         raise UserError(f"--split={split}: {data} has only {', '.join(sorted(scene.splits))}")
-    views = scene.splits[split]
-    views.images, views.poses, scene.background = views.images.to(device), views.poses.to(device), \
-        scene.background.to(device)
+    views, scene.background = scene.splits[split].to(device), scene.background.to(device)
     if exported:  # an export carries no occupancy grid: measure one from the model
-        grid = rebuild_grid(model, cfg, scene, device)
+        grid = rebuild_grid(model, cfg, scene.frame, device)
     else:
-        grid = build_grid(cfg, scene, device)
+        grid = build_grid(cfg, scene.frame, device)
         if grid is not None:
             grid.load_state_dict(ckpt["grid"])
     t0 = time.perf_counter()
     scores, _ = evaluate_views(model, views, scene, cfg, grid, autocast_context(cfg, device), save_dir=args.out)
     result = {"psnr": round(scores["psnr"], 4), "ssim": round(scores["ssim"], 4), "data": data, "split": split,
-              "views": scores["views"], **protocol(scene, views), "seconds": round(time.perf_counter() - t0, 2),
+              "views": scores["views"], **protocol(scene, views), "space": scene.frame.space,
+              "seconds": round(time.perf_counter() - t0, 2),
               "dtype": cfg["DTYPE"], "step": ckpt.get("step"), "exported": exported}
     if args.per_view:
         result["per_view"] = [{"view": v["view"], "psnr": round(v["psnr"], 4), "ssim": round(v["ssim"], 4)}

@@ -21,21 +21,16 @@ import torch.nn.functional as F
 
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
 from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
-from dataset import load_scene, protocol, resolve_data, sample_batch
+from dataset import protocol, resolve_data, sample_batch, scene_of
 from nerf import model_class, model_kwargs
+from render import Frame, Rays, Shard, build_grid, evaluate_views, rebuild_grid, render_rays, render_videos
 from utils import (
-    Rays,
-    Shard,
     all_reduce,
-    build_grid,
-    evaluate_views,
+    checkpoint_path,
     keep_freed_memory,
     load_checkpoint,
     load_weights,
     peak_memory_mb,
-    rebuild_grid,
-    render_rays,
-    render_videos,
     save_checkpoint,
     to_uint8,
     write_json,
@@ -317,8 +312,9 @@ def export_and_evaluate(model, cfg, views, scene, grid, amp, out_dir):
     """Export a BitNeRF to OUT_DIR/bitnerf_ternary.pt, reload the file and evaluate it as exported."""
     path = os.path.join(out_dir, "bitnerf_ternary.pt")
     size, fp32_size = export_bitnerf(model, cfg, path)
-    exported = load_ternary(torch.load(path, weights_only=True), cfg).to(views.poses.device)
-    scores, _ = evaluate_views(exported, views, scene, cfg, rebuild_grid(exported, cfg, scene, views.poses.device), amp)
+    device = views.pixels.device
+    exported = load_ternary(torch.load(path, weights_only=True), cfg).to(device)
+    scores, _ = evaluate_views(exported, views, scene, cfg, rebuild_grid(exported, cfg, scene.frame, device), amp)
     print(f"export: {path}, {size} bytes ({fp32_size / size:.1f}x smaller than fp32), val PSNR {scores['psnr']:.2f} dB",
           file=sys.stderr)
     return {"export_psnr": scores["psnr"], "export_ssim": scores["ssim"], "export_bytes": size,
@@ -392,8 +388,9 @@ def data_identity(data):
 def scene_record(cfg, asked, scene, views):
     """What a resumed run's data must match, saved in ckpt.pt: the data (and the DATA asked for, e.g. 'auto'), the
     training views' resolution, the background and the scene's bounds."""
-    return {"data": data_identity(cfg["DATA"]), "asked": asked, **protocol(scene, views), "near": scene.near,
-            "far": scene.far, "scene_bound": cfg["SCENE_BOUND"]}
+    frame = scene.frame
+    return {"data": data_identity(cfg["DATA"]), "asked": asked, **protocol(scene, views), "space": frame.space,
+            "near": frame.near, "far": frame.far, "scene_bound": frame.bound}
 
 
 def saved_scene_record(ckpt):
@@ -402,6 +399,31 @@ def saved_scene_record(ckpt):
     cfg = ckpt["config"]
     return ckpt.get("scene") or {"data": data_identity(cfg["DATA"]), "asked": cfg["DATA"],
                                  "scene_bound": cfg["SCENE_BOUND"]}
+
+
+def run_frame(cfg, ckpt):
+    """The frame a run trains in: its checkpoint's, or the one FRAME holds or names (a run directory or checkpoint),
+    with the config's SPACE, NEAR, FAR and SCENE_BOUND over it where set (a resume then sees the change and
+    refuses it); None: the data's own."""
+    frame = ckpt["config"]["FRAME"] if ckpt is not None and isinstance(ckpt["config"]["FRAME"], dict) else cfg["FRAME"]
+    if frame == "auto":
+        return None
+    if not isinstance(frame, dict):
+        frame = load_checkpoint(checkpoint_path(frame))["config"]["FRAME"]
+        if not isinstance(frame, dict):
+            raise UserError(f"--frame={cfg['FRAME']}: that run kept no frame (it predates frames); train without "
+                            "--frame, or name a newer run")
+    space = None if cfg["SPACE"] == "auto" else cfg["SPACE"]
+    return Frame.of(frame).with_overrides(space, cfg["NEAR"], cfg["FAR"], cfg["SCENE_BOUND"])
+
+
+def check_resumable(ckpt, cfg, record, path):
+    """Refuse to resume a checkpoint of another model shape, or on other data (check_same_scene)."""
+    other_shape = differences(checkpoint_shape(ckpt["config"]), checkpoint_shape(cfg))
+    if other_shape:
+        raise UserError(f"{path} holds a model of another shape: {other_shape}; pass its values as --key=value to "
+                        "resume it, or pick another --out_dir or delete it")
+    check_same_scene(saved_scene_record(ckpt), record, path)
 
 
 def check_same_scene(saved, now, path):
@@ -459,20 +481,15 @@ class Trainer:
         self.out_dir = prepare_out_dir(cfg, rank)
         self.ckpt_path = os.path.join(self.out_dir, "ckpt.pt")
         ckpt = load_checkpoint(self.ckpt_path) if os.path.exists(self.ckpt_path) else None
-        other_shape = ckpt is not None and differences(checkpoint_shape(ckpt["config"]), checkpoint_shape(cfg))
-        if other_shape:
-            raise UserError(f"{self.ckpt_path} holds a model of another shape: {other_shape}; pass its values as "
-                            "--key=value to resume it, or pick another --out_dir or delete it")
         asked = cfg["DATA"]
-        self.cfg = cfg = {**cfg, "DATA": run_data(cfg, ckpt, rank, world)}
-        self.load_data()
+        self.cfg = cfg = self.load_data(cfg, ckpt)
         self.scene_record = scene_record(cfg, asked, self.scene, self.train_views)
         if ckpt is not None:
-            check_same_scene(saved_scene_record(ckpt), self.scene_record, self.ckpt_path)
+            check_resumable(ckpt, cfg, self.scene_record, self.ckpt_path)
         if self.main_rank:
             write_json(cfg, os.path.join(self.out_dir, "config.json"))
         self.model = build_model(cfg, device)
-        self.grid = build_grid(cfg, self.scene, device)
+        self.grid = build_grid(cfg, self.scene.frame, device)
         self.graphed = use_cuda_graph(cfg, device)  # the one place that chooses the graphed step over the eager one
         self.optimizer = build_optimizer(cfg, self.model, device, self.graphed)
         # every rank holds the same generator state: each draws the global batch and keeps its shard (utils.Shard)
@@ -496,13 +513,16 @@ class Trainer:
         self.bar = tqdm(total=cfg["MAX_STEPS"], initial=self.state.step, desc=cfg["EXPERIMENT"], dynamic_ncols=True,
                         disable=None if self.main_rank else True)
 
-    def load_data(self):
-        """The scene, its training and validation views moved to the device."""
-        self.scene = load_scene(self.cfg["DATA"], self.cfg["DOWNSCALE"], self.cfg["BACKGROUND"])
-        self.train_views, self.val_views = self.scene.splits["train"], self.scene.splits["val"]
-        for v in (self.train_views, self.val_views):
-            v.images, v.poses = v.images.to(self.device), v.poses.to(self.device)
+    def load_data(self, cfg, ckpt):
+        """The scene (in its checkpoint's frame, FRAME's or the data's own) and its training and validation views on
+        the device; returns the config with what the data resolved: DATA, and FRAME and its keys."""
+        cfg = {**cfg, "DATA": run_data(cfg, ckpt, self.rank, self.world)}
+        self.scene = scene_of(cfg, ("train", "val"), run_frame(cfg, ckpt))
+        self.train_views, self.val_views = (self.scene.splits[s].to(self.device) for s in ("train", "val"))
         self.scene.background = self.scene.background.to(self.device)
+        frame = self.scene.frame
+        return {**cfg, "FRAME": frame.record(), "SPACE": frame.space, "NEAR": frame.near, "FAR": frame.far,
+                "SCENE_BOUND": frame.bound}
 
     def resume(self, ckpt):
         """Restore weights, optimizer, scaler, generator and grid from a checkpoint; returns its RunState."""
@@ -546,10 +566,10 @@ class Trainer:
         """Draw a batch, render it and backpropagate its loss; returns (photometric MSE, opacity regulariser,
         gradient norm before clipping)."""
         cfg, lo, n = self.cfg, self.rank * self.shard, self.shard
-        rays, target = sample_batch(self.train_views, cfg["BATCH_SIZE"], self.generator)
+        rays, target = sample_batch(self.train_views, cfg["BATCH_SIZE"], self.generator, self.scene.frame)
         rays, target = Rays(*(x[lo: lo + n] for x in rays)), target[lo: lo + n]
         with self.amp:
-            rgb, _, acc = render_rays(self.net, rays, self.scene.near, self.scene.far, cfg["NUM_SAMPLES"],
+            rgb, _, acc = render_rays(self.net, rays, self.scene.frame, cfg["NUM_SAMPLES"],
                                       self.scene.background, Shard(self.generator, lo, cfg["BATCH_SIZE"]), self.grid,
                                       cfg["NUM_FINE"], fixed_shapes=self.graphed,
                                       skip_zero_density=skips_zero_density(cfg))
@@ -570,9 +590,9 @@ class Trainer:
         cfg, rec = self.cfg, self.scene_record
         until = f"{cfg['MAX_STEPS']} steps" + (f" or {cfg['TIME_BUDGET_S']:g} s" if cfg["TIME_BUDGET_S"] else "")
         if self.main_rank:
-            print(f"training {cfg['EXPERIMENT']} on {cfg['DATA']} ({len(self.train_views.images)} views, "
-                  f"{rec['resolution']}, {rec['background']}) from step {self.state.step} until {until}",
-                  file=sys.stderr, flush=True)
+            print(f"training {cfg['EXPERIMENT']} on {cfg['DATA']} ({len(self.train_views)} views, "
+                  f"{rec['resolution']}, {rec['background']}, {rec['space']}) from step {self.state.step} until "
+                  f"{until}", file=sys.stderr, flush=True)
 
     def scheduled_learning_rate(self):
         """The LR of the next step, at the progress the run will have made once it is done (by steps; by time, the
@@ -724,6 +744,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         per_s = state.step * cfg["BATCH_SIZE"] / max(state.train_seconds, 1e-9)
         return {"experiment": cfg["EXPERIMENT"], "data": cfg["DATA"], **protocol(self.scene, self.val_views),
+                "space": self.scene.frame.space,
                 "val_psnr": scores["psnr"],
                 "val_ssim": scores["ssim"], "val_views": scores["views"], "steps": state.step,
                 "train_seconds": round(state.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),

@@ -68,6 +68,13 @@ def write_blender(folder, images, poses, focal, splits=("train", "val")):
     return str(folder)
 
 
+def images_of(views):
+    """A split's images stacked (N, H, W, 3) (its views of one size)."""
+    import torch
+
+    return torch.stack([views.image(k) for k in range(len(views))])
+
+
 def table_rows(markdown):
     """The rows of the results table in a report's results.md, as dicts keyed by column."""
     lines = [ln for ln in markdown.splitlines() if ln.startswith("|")]

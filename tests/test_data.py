@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dataset
-from conftest import SHARED_DATA, write_blender
+from conftest import SHARED_DATA, images_of, write_blender
 from dataset import DataError, load_scene, sample_batch, synthetic_scene
 
 
@@ -23,16 +23,17 @@ def write_npz(path, **arrays):
 def test_npz_round_trip_and_seed_split(tmp_path, synth):
     images, poses, focal = synth
     scene = load_scene(write_npz(tmp_path / "s.npz", images=images, poses=poses, focal=focal))
-    assert len(scene.splits["train"].images) == 5 and len(scene.splits["val"].images) == 1
-    assert torch.equal(scene.splits["val"].images[0], torch.from_numpy(images[5]))
-    assert scene.splits["train"].focal == pytest.approx(focal) and (scene.near, scene.far) == (2.0, 6.0)
+    assert len(scene.splits["train"]) == 5 and len(scene.splits["val"]) == 1
+    assert torch.equal(scene.splits["val"].image(0), torch.from_numpy(images[5]))
+    assert scene.splits["train"].cameras.intrinsics[0].tolist() == pytest.approx([focal, focal, 8, 8])
+    assert (scene.frame.near, scene.frame.far, scene.frame.space) == (2.0, 6.0, "cube")
 
 
 def test_uint8_images_are_scaled(tmp_path, synth):
     images, poses, focal = synth
     scene = load_scene(write_npz(tmp_path / "u.npz", images=(images * 255).astype(np.uint8), poses=poses,
                                  focal=focal))
-    assert scene.splits["all"].images.max() <= 1.0 and scene.splits["all"].images.dtype == torch.float32
+    assert scene.splits["all"].pixels.max() <= 1.0 and scene.splits["all"].pixels.dtype == torch.float32
 
 
 BAD = {
@@ -63,7 +64,7 @@ def test_truncated_and_missing_files(tmp_path, synth):
         load_scene(path)
     with pytest.raises(DataError, match="--data=synthetic"):
         load_scene(str(tmp_path / "nope.npz"))
-    with pytest.raises(DataError, match="no transforms_train.json"):
+    with pytest.raises(DataError, match="not a scene folder: expected poses_bounds.npy"):
         load_scene(str(tmp_path))
 
 
@@ -85,7 +86,7 @@ def test_a_downscale_that_does_not_divide_the_images_is_refused(tmp_path, synth)
         with pytest.raises(DataError, match=f"--downscale={downscale} does not divide its 16x16 images; use one "
                                             "that does: 1, 2, 4, 8, 16"):
             load_scene(folder, downscale=downscale)
-    assert load_scene(folder, downscale=16).splits["train"].hw == (1, 1)
+    assert load_scene(folder, downscale=16).splits["train"].cameras.hw(0) == (1, 1)
 
 
 def test_download_is_validated_before_it_is_kept(tmp_path, monkeypatch, synth):
@@ -94,7 +95,7 @@ def test_download_is_validated_before_it_is_kept(tmp_path, monkeypatch, synth):
     monkeypatch.setenv("NERF_CACHE_DIR", str(cache))
     monkeypatch.setattr(dataset, "TINY_NERF_URL", "file://" + src)
     scene = load_scene("tiny_nerf")
-    assert len(scene.splits["all"].images) == 6 and os.listdir(cache) == ["tiny_nerf_data.npz"]
+    assert len(scene.splits["all"]) == 6 and os.listdir(cache) == ["tiny_nerf_data.npz"]
 
 
 def test_blender_folder_background_and_downscale(tmp_path, synth):
@@ -104,9 +105,10 @@ def test_blender_folder_background_and_downscale(tmp_path, synth):
     white = load_scene(folder)  # the default: the field's protocol
     half = load_scene(folder, downscale=2)
     bg = torch.from_numpy(images[0].max(-1) == 0)
-    assert torch.allclose(black.splits["train"].images[0][bg], torch.zeros(3))
-    assert torch.allclose(white.splits["train"].images[0][bg], torch.ones(3))
-    assert half.splits["val"].hw == (8, 8) and half.splits["val"].focal == pytest.approx(focal / 2, rel=1e-4)
+    assert torch.allclose(black.splits["train"].image(0)[bg], torch.zeros(3))
+    assert torch.allclose(white.splits["train"].image(0)[bg], torch.ones(3))
+    assert half.splits["val"].cameras.hw(0) == (8, 8)
+    assert half.splits["val"].cameras.intrinsics[0, 0].item() == pytest.approx(focal / 2, rel=1e-4)
     assert sorted(black.splits) == ["train", "val"]  # what training reads
     assert sorted(load_scene(folder, splits=("all",)).splits) == ["all", "train", "val"]
 
@@ -126,7 +128,7 @@ def test_batches_carry_the_right_target_colours(synth):
     rays, target = sample_batch(views, 256, torch.Generator().manual_seed(0))
     assert rays.origins.shape == (256, 3) and target.shape == (256, 3)
     # each target is a pixel of some training image
-    flat = views.images.reshape(-1, 3)
+    flat = views.pixels
     assert all((flat == c).all(-1).any() for c in target[:20])
 
 
@@ -137,10 +139,11 @@ def test_shared_lego_tiny_matches_the_nerf_synthetic_folder(lego_tiny):
         pytest.skip("../shared/data/nerf_synthetic/lego not present")
     tiny = load_scene(lego_tiny)
     big = load_scene(folder, downscale=8, background="black")
-    assert len(tiny.splits["all"].images) == 90 and tiny.splits["all"].hw == (100, 100)
-    assert torch.allclose(tiny.splits["all"].poses[:80], big.splits["train"].poses, atol=1e-5)
-    assert big.splits["train"].focal == pytest.approx(tiny.splits["all"].focal, rel=1e-3)
-    assert (tiny.splits["all"].images[:80] - big.splits["train"].images).abs().mean() < 0.02
+    assert len(tiny.splits["all"]) == 90 and tiny.splits["all"].cameras.hw(0) == (100, 100)
+    assert torch.allclose(tiny.splits["all"].cameras.poses[:80], big.splits["train"].cameras.poses, atol=1e-5)
+    torch.testing.assert_close(big.splits["train"].cameras.intrinsics, tiny.splits["all"].cameras.intrinsics[:80],
+                               rtol=1e-3, atol=0)
+    assert (images_of(tiny.splits["all"])[:80] - images_of(big.splits["train"])).abs().mean() < 0.02
 
 
 def test_rgba_npz_is_composited_over_its_black_background(tmp_path, synth):
@@ -148,9 +151,9 @@ def test_rgba_npz_is_composited_over_its_black_background(tmp_path, synth):
     alpha = np.linspace(0, 1, images.shape[2], dtype=np.float32)[None, None, :, None].repeat(16, 1).repeat(6, 0)
     scene = load_scene(write_npz(tmp_path / "rgba.npz", images=np.concatenate([images, alpha], -1), poses=poses,
                                  focal=focal))
-    got = scene.splits["all"].images
+    got = images_of(scene.splits["all"])
     assert got.shape == (6, 16, 16, 3)
     torch.testing.assert_close(got, torch.from_numpy(images * alpha))  # alpha 0 is black, not the RGB beneath
     uint8 = load_scene(write_npz(tmp_path / "u8.npz", images=(np.concatenate([images, alpha], -1) * 255).round()
-                                 .astype(np.uint8), poses=poses, focal=focal)).splits["all"].images
-    assert (uint8 - got).abs().max() < 2 / 255
+                                 .astype(np.uint8), poses=poses, focal=focal)).splits["all"]
+    assert (images_of(uint8) - got).abs().max() < 2 / 255

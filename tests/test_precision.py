@@ -8,16 +8,17 @@ import torch
 import train
 from configs import EXP1, EXP2, EXP3, ConfigError
 from nerf import NeRF
-from utils import Rays, query_kept, render_rays, sample_along_rays, sample_pdf, volume_render
+from render import Frame, Rays, query_kept, render_rays, sample_along_rays, sample_pdf, volume_render
 
 
 def test_bfloat16_autocast_runs_the_matmuls_in_bfloat16_and_renders_in_float32():
     model, seen = NeRF(num_layers=4), []
     for layer in model.layers:
         layer.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype) and None)
-    rays = Rays(torch.zeros(8, 3) + torch.tensor([0.0, 0.0, 4.0]), torch.tensor([0.0, 0.0, -1.0]).expand(8, 3))
+    down = torch.tensor([0.0, 0.0, -1.0]).expand(8, 3)
+    rays = Rays(torch.zeros(8, 3) + torch.tensor([0.0, 0.0, 4.0]), down, down)
     with train.autocast_context(EXP2, torch.device("cpu")):
-        rgb, depth, acc = render_rays(model, rays, 2.0, 6.0, 16, torch.zeros(3))
+        rgb, depth, acc = render_rays(model, rays, Frame(), 16, torch.zeros(3))
     assert seen and all(dtype == torch.bfloat16 for dtype in seen), seen
     assert rgb.dtype == depth.dtype == acc.dtype == torch.float32  # compositing stays in fp32
 
@@ -144,7 +145,8 @@ def test_rays_with_zero_or_one_kept_sample_neither_recompile_nor_change_the_rend
     torch.manual_seed(0)
     model, graphs = NeRF(num_layers=4), []
     compiled = torch.compile(model, dynamic=True, backend=lambda gm, _: graphs.append(gm) or gm.forward)
-    rays = Rays(torch.zeros(2, 3), torch.nn.functional.normalize(torch.rand(2, 3), dim=-1))
+    dirs = torch.nn.functional.normalize(torch.rand(2, 3), dim=-1)
+    rays = Rays(torch.zeros(2, 3), dirs, dirs)
     t = torch.linspace(2.0, 4.0, 8).expand(2, 8).contiguous()
     for kept in (5, 1, 0):
         keep = torch.zeros(2, 8, dtype=torch.bool)
@@ -175,7 +177,7 @@ def test_fused_adamw_takes_the_same_step_as_the_plain_one():
 
 
 def test_fine_samples_gather_where_the_coarse_weights_are():
-    t = sample_along_rays(Rays(torch.zeros(4, 3), torch.ones(4, 3)), 2.0, 6.0, 64)
+    t = sample_along_rays(Rays(torch.zeros(4, 3), torch.ones(4, 3), torch.ones(4, 3)), Frame(), 64)
     sigma = torch.where((t > 3.9) & (t < 4.1), 50.0, 0.0)  # one opaque slab at depth 4
     weights = volume_render(torch.zeros(*t.shape, 3), sigma, t, 6.0, torch.zeros(3))[3]
     fine = sample_pdf(t, weights, 6.0, 32, torch.Generator().manual_seed(0))
@@ -185,7 +187,7 @@ def test_fine_samples_gather_where_the_coarse_weights_are():
 
 
 def test_empty_rays_get_evenly_spread_fine_samples():
-    t = sample_along_rays(Rays(torch.zeros(2, 3), torch.ones(2, 3)), 2.0, 6.0, 16)
+    t = sample_along_rays(Rays(torch.zeros(2, 3), torch.ones(2, 3), torch.ones(2, 3)), Frame(), 16)
     fine = sample_pdf(t, torch.zeros_like(t), 6.0, 8)
     assert (fine.min() >= 2.0) and (fine.max() <= 6.0)
     assert fine[0].diff().std() < 0.05  # evenly spaced
@@ -201,10 +203,11 @@ class Slab(torch.nn.Module):
 
 
 def test_coarse_to_fine_finds_the_surface_of_a_thin_slab():
-    rays = Rays(torch.tensor([[0.0, 0.0, 4.0]]).expand(256, 3), torch.tensor([[0.0, 0.0, -1.0]]).expand(256, 3))
-    _, coarse_depth, coarse_acc = render_rays(Slab(), rays, 2.0, 6.0, 16, torch.zeros(3),
+    down = torch.tensor([[0.0, 0.0, -1.0]]).expand(256, 3)
+    rays = Rays(torch.tensor([[0.0, 0.0, 4.0]]).expand(256, 3), down, down)
+    _, coarse_depth, coarse_acc = render_rays(Slab(), rays, Frame(), 16, torch.zeros(3),
                                               torch.Generator().manual_seed(0))
-    _, depth, acc = render_rays(Slab(), rays, 2.0, 6.0, 16, torch.zeros(3), torch.Generator().manual_seed(0),
+    _, depth, acc = render_rays(Slab(), rays, Frame(), 16, torch.zeros(3), torch.Generator().manual_seed(0),
                                 num_fine=32)  # same seed: the same coarse samples
     hit = coarse_acc > 0.5
     assert 0.2 < hit.float().mean() < 0.6  # 16 samples over 4 units land in a 0.1 slab ~40% of the time

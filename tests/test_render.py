@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from nerf import NeRF
-from utils import (
+from render import (
+    Cameras,
+    Frame,
     OccupancyGrid,
     Rays,
     get_rays,
@@ -17,12 +19,22 @@ from utils import (
 )
 
 
+def pinhole(c2w, H, W, focal):
+    """One centred pinhole camera at c2w."""
+    return Cameras.pinhole(c2w[None], focal, (H, W))
+
+
+def rays_of(origins, dirs):
+    """Rays whose sampling directions are their (unit) view directions."""
+    return Rays(origins, dirs, dirs)
+
+
 def test_rays_hit_the_pixels_known_points_project_to():
     """A 3D point projected by the pinhole model lies on the ray through its pixel."""
     H, W, focal = 30, 40, 35.0
     c2w = pose_spherical(30.0, -20.0, 4.0)
     w2c = torch.linalg.inv(c2w)
-    rays = get_rays(c2w, H, W, focal)
+    rays = get_rays(pinhole(c2w, H, W, focal))
     for p in torch.tensor([[0.1, 0.2, -0.3], [0.5, -0.4, 0.2], [-0.2, 0.0, 0.6]]):
         cam = w2c[:3, :3] @ p + w2c[:3, 3]
         assert cam[2] < 0  # in front of an OpenGL camera
@@ -37,7 +49,7 @@ def test_rays_hit_the_pixels_known_points_project_to():
 
 def test_camera_looks_at_origin():
     c2w = pose_spherical(123.0, -30.0, 4.0)
-    centre = get_rays(c2w, 2, 2, 10.0)
+    centre = get_rays(pinhole(c2w, 2, 2, 10.0))
     mid = centre.viewdirs.mean(0)
     assert torch.allclose(mid / mid.norm(), -c2w[:3, 3] / 4.0, atol=1e-5)
 
@@ -78,20 +90,20 @@ def test_a_surface_of_huge_density_behind_faint_fog_is_opaque_in_float32(density
 
 
 def test_stratified_samples_stay_in_their_bins():
-    rays = Rays(torch.zeros(5, 3), torch.tensor([[0.0, 0.0, -1.0]]).expand(5, 3))
+    rays = rays_of(torch.zeros(5, 3), torch.tensor([[0.0, 0.0, -1.0]]).expand(5, 3))
     g = torch.Generator().manual_seed(0)
-    t = sample_along_rays(rays, 2.0, 6.0, 8, g)
+    t = sample_along_rays(rays, Frame(), 8, g)
     lo = 2.0 + 4.0 * torch.arange(8) / 8
     assert ((t >= lo) & (t <= lo + 0.5)).all() and not torch.allclose(t[0], t[1])
-    assert torch.allclose(sample_along_rays(rays, 2.0, 6.0, 8)[0], lo + 0.25)
+    assert torch.allclose(sample_along_rays(rays, Frame(), 8)[0], lo + 0.25)
 
 
 def test_render_image_does_not_depend_on_chunk_size():
     torch.manual_seed(0)
     model = NeRF(pos_encode_dims=4, num_layers=2, emb_dim=16)
     c2w = pose_spherical(10.0, -30.0, 4.0)
-    a = render_image(model, c2w, 9, 11, 12.0, 2.0, 6.0, 16, torch.zeros(3), chunk=7)
-    b = render_image(model, c2w, 9, 11, 12.0, 2.0, 6.0, 16, torch.zeros(3), chunk=1000)
+    a = render_image(model, pinhole(c2w, 9, 11, 12.0), Frame(), 16, torch.zeros(3), chunk=7)
+    b = render_image(model, pinhole(c2w, 9, 11, 12.0), Frame(), 16, torch.zeros(3), chunk=1000)
     for x, y in zip(a, b, strict=True):
         assert torch.allclose(x, y, atol=1e-6)
     assert a[0].shape == (9, 11, 3) and a[1].shape == (9, 11)
@@ -179,8 +191,8 @@ def test_grid_skipping_leaves_the_render_of_a_smooth_scene_unchanged():
     gen = torch.Generator().manual_seed(1)
     for _ in range(5):  # training updates every 16 steps; each visit probes a new random point per cell
         grid.update(Blob(), generator=gen)
-    (rgb, depth, acc) = render_image(Blob(), c2w, 24, 24, 30.0, 2.0, 6.0, 128, torch.zeros(3), chunk=256)
-    skipped = render_image(Blob(), c2w, 24, 24, 30.0, 2.0, 6.0, 128, torch.zeros(3), chunk=256, grid=grid)
+    (rgb, depth, acc) = render_image(Blob(), pinhole(c2w, 24, 24, 30.0), Frame(), 128, torch.zeros(3), chunk=256)
+    skipped = render_image(Blob(), pinhole(c2w, 24, 24, 30.0), Frame(), 128, torch.zeros(3), chunk=256, grid=grid)
     assert acc.max() > 0.99 and occupied_at(grid, torch.rand(1000, 3) * 3 - 1.5).float().mean() < 0.1
     # what is skipped is haze below alpha 0.01 per sample: only grazing rays through it change, a little
     assert (rgb - skipped[0]).abs().max() < 0.05 and (rgb - skipped[0]).abs().mean() < 1e-3
@@ -214,9 +226,10 @@ def test_early_ray_termination_stops_querying_behind_surfaces_and_keeps_the_rend
             return super().forward(x, d)
 
     # a 12 x 12 view that the solid blob fills: every ray hits it about half-way along
-    (rgb, depth, acc) = render_image(Counting(), c2w, 12, 12, 60.0, 2.0, 6.0, 128, torch.zeros(3), chunk=50)
+    (rgb, depth, acc) = render_image(Counting(), pinhole(c2w, 12, 12, 60.0), Frame(), 128, torch.zeros(3), chunk=50)
     n_full, queried[:] = sum(queried), []
-    ert = render_image(Counting(), c2w, 12, 12, 60.0, 2.0, 6.0, 128, torch.zeros(3), chunk=50, min_transmittance=1e-4)
+    ert = render_image(Counting(), pinhole(c2w, 12, 12, 60.0), Frame(), 128, torch.zeros(3), chunk=50,
+                       min_transmittance=1e-4)
     assert acc.min() > 0.999 and sum(queried) < 0.7 * n_full  # samples inside the blob are never queried
     # what is skipped lies behind transmittance < 1e-4: colour and opacity move by less than that
     assert (rgb - ert[0]).abs().max() < 1e-4 and (acc - ert[2]).abs().max() < 1e-4
@@ -238,11 +251,11 @@ def test_skipping_zero_density_samples_leaves_loss_and_gradients_unchanged():
                 trained.append(x.shape[0])
             return model(x, d)
 
-    rays = get_rays(pose_spherical(30.0, -20.0, 4.0), 8, 8, 10.0)
+    rays = get_rays(pinhole(pose_spherical(30.0, -20.0, 4.0), 8, 8, 10.0))
     target = torch.rand(64, 3)
     grads, losses = [], []
     for skip in (False, True):
-        rgb, _, acc = render_rays(Counting(), rays, 2.0, 6.0, 32, torch.zeros(3), torch.Generator().manual_seed(3),
+        rgb, _, acc = render_rays(Counting(), rays, Frame(), 32, torch.zeros(3), torch.Generator().manual_seed(3),
                                   skip_zero_density=skip)
         loss = torch.nn.functional.mse_loss(rgb, target) + 0.01 * (acc * (1 - acc)).mean()
         model.zero_grad()
@@ -270,12 +283,12 @@ def test_fixed_shapes_render_equals_the_compacted_one_with_every_call_the_same_s
             sizes.append(x.shape[0])
             return model(x, d)
 
-    rays = get_rays(pose_spherical(30.0, -20.0, 4.0), 8, 8, 10.0)
+    rays = get_rays(pinhole(pose_spherical(30.0, -20.0, 4.0), 8, 8, 10.0))
     target = torch.rand(64, 3)
     grads, losses, counts = [], [], []
     for fixed in (False, True):
         sizes.clear()
-        rgb, _, acc = render_rays(Sizes(), rays, 2.0, 6.0, 32, torch.zeros(3), torch.Generator().manual_seed(3),
+        rgb, _, acc = render_rays(Sizes(), rays, Frame(), 32, torch.zeros(3), torch.Generator().manual_seed(3),
                                   grid, num_fine=16, fixed_shapes=fixed)
         loss = torch.nn.functional.mse_loss(rgb, target) + 0.01 * (acc * (1 - acc)).mean()
         model.zero_grad()

@@ -14,9 +14,9 @@ import dataset
 import eval as evaluate
 import train
 from configs import EXP1, EXP4, RECIPES, ConfigError, apply_overrides
-from conftest import run_cli, small, write_blender
+from conftest import images_of, run_cli, small, write_blender
 from dataset import load_scene, synthetic_scene
-from utils import build_grid, render_view
+from render import build_grid, render_view
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +41,12 @@ def test_white_background_compositing_is_exact_at_every_downscale(folder, downsc
     n = 16 // downscale
     expected = over_white.reshape(6, n, downscale, n, downscale, 3).mean((2, 4))
     views = load_scene(folder, downscale=downscale).splits["val"]
-    assert views.hw == (n, n)
-    np.testing.assert_allclose(views.images.numpy(), expected, rtol=0, atol=1e-6)
-    black = load_scene(folder, downscale=downscale, background="black").splits["val"].images.numpy()
+    assert views.cameras.hw(0) == (n, n)
+    np.testing.assert_allclose(images_of(views).numpy(), expected, rtol=0, atol=1e-6)
+    black = images_of(load_scene(folder, downscale=downscale, background="black").splits["val"]).numpy()
     np.testing.assert_allclose(black, (png[..., :3] * png[..., 3:]).reshape(6, n, downscale, n, downscale, 3)
                                .mean((2, 4)), rtol=0, atol=1e-6)
-    assert (views.images.numpy() - black).max() > 0.5  # the two backgrounds differ where alpha is 0
+    assert (images_of(views).numpy() - black).max() > 0.5  # the two backgrounds differ where alpha is 0
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,10 @@ def test_a_full_size_render_is_the_same_image_at_two_chunk_sizes(folder_run, fol
     model = train.build_model(cfg, torch.device("cpu"))
     model.load_state_dict(ckpt["model"])
     scene = load_scene(folder, splits=("val",))
-    grid = build_grid(cfg, scene, torch.device("cpu"))
+    grid = build_grid(cfg, scene.frame, torch.device("cpu"))
     grid.load_state_dict(ckpt["grid"])
     views = scene.splits["val"]
-    renders = [render_view(model.eval(), views.poses[2], views, scene, {**cfg, "CHUNK": chunk}, grid,
+    renders = [render_view(model.eval(), views.cameras[2], scene, {**cfg, "CHUNK": chunk}, grid,
                            torch.no_grad()) for chunk in (37, 4096)]
     for a, b in zip(*renders, strict=True):
         assert a.shape[:2] == (16, 16)

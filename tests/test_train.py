@@ -22,7 +22,9 @@ def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
     for name in ("ckpt.pt", "config.json", "metrics.json", "video.mp4", "video.gif", "depth.mp4", "depth.gif"):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "config.json")) as f:
-        assert json.load(f) == cfg
+        recorded = json.load(f)
+    frame = {"SPACE": "cube", "NEAR": 2.0, "FAR": 5.0, "SCENE_BOUND": 1.5}  # the synthetic scene's, resolved and kept
+    assert recorded == {**cfg, **frame, "FRAME": recorded["FRAME"]} and recorded["FRAME"]["far"] == 5.0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 300 and set(ckpt) >= {"model", "optimizer", "generator", "config"}
 
@@ -220,14 +222,14 @@ def test_data_auto_takes_the_tiny_nerf_data_when_it_can_be_had(tmp_path, monkeyp
 
 def test_grid_updates_run_in_float32_under_bf16_autocast(small_cfg, monkeypatch):
     """The grid measures density outside autocast (train.Trainer.update_grid says why)."""
-    import utils
+    import render
 
-    real, seen = utils.OccupancyGrid.update, []
+    real, seen = render.OccupancyGrid.update, []
 
     def recording_update(self, model, *args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu"))
         return real(self, model, *args, **kwargs)
 
-    monkeypatch.setattr(utils.OccupancyGrid, "update", recording_update)
+    monkeypatch.setattr(render.OccupancyGrid, "update", recording_update)
     train.train({**small_cfg, "DTYPE": "bfloat16", "MAX_STEPS": 17})
     assert seen == [False]

@@ -14,6 +14,9 @@ grid culled or, with SKIP_ZERO_DENSITY, had zero density), and the MLP FLOPs of 
 no-grad passes and grid updates) per second of training against the same dtype's torch.mm peak (the higher of
 one timed before and one after training).
     python bench.py --quality [--budget_s=600] [--exps=exp1] [--data=.../nerf_synthetic/lego --downscale=4]
+Several scenes (--scenes, quality mode): each experiment on each scene (a data path, @K for its downscale), then
+the field's table: PSNR and SSIM per scene and their mean (a BitNeRF run's export with its size on its own row).
+    python bench.py --quality --exps=exp7 --scenes=.../chair_tiny.npz,.../hotdog_tiny.npz,.../nerf_llff_data/fern@8
 Each experiment runs in its own process so that its peak memory is its own.
 The all-reduce's share of a DDP step (--ddp, under torchrun): per experiment, the median forward + backward of
 the model through DDP on each rank's share of a step's points (as before and after the grid culls), with the
@@ -218,6 +221,7 @@ def run_child(args, overrides):
         samples = metrics["steps"] * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
         row.update(resolution=metrics["resolution"], background=metrics["background"], steps=metrics["steps"],
                    ssim=round(metrics["val_ssim"], 3), samples_per_s=metrics["samples_per_s"],
+                   scores=scene_scores(metrics),
                    **{"% of samples trained": round(100 * counts["grad"] / samples, 1), "mlp_gflops": round(mlp, 1),
                       "mm_peak_gflops": round(peak), "% of mm peak": round(100 * mlp / peak, 1)})
     else:
@@ -302,9 +306,67 @@ def run_ddp(args, overrides, reps=9):
     dist.destroy_process_group()
 
 
+def run_children(args, overrides, scene, exp, comp):
+    """Measure one experiment (one compile setting) on one scene in a child process; its row, or none if it failed."""
+    name, data, downscale = scene
+    cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={data}", f"--steps={args.steps}",
+           f"--budget_s={args.budget_s}", *([f"--downscale={downscale}"] if downscale else []), *overrides]
+    out = subprocess.run(cmd + (["--quality"] if args.quality else []), capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
+    if out.returncode or not line:
+        print(f"{exp} (compile {comp}{f', {name}' if name else ''}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+        return []
+    row = {**({"scene": name} if name else {}), **json.loads(line[-1][6:])}
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return [row]
+
+
 def quality_marks(device, budget_s):
     """The training times (s) time-to-quality reads PSNR at on this device, within the budget (which ends one)."""
     return [m for m in QUALITY_MARKS_S[device.type] if m < budget_s] + [budget_s]
+
+
+def parse_scenes(text):
+    """--scenes: comma-separated data paths, each with an optional @K (its --downscale); [(name, path, K or None)],
+    named by the path's last part (without .npz) and numbered where two share a name."""
+    scenes = []
+    for item in text.split(","):
+        path, _, factor = item.partition("@")
+        if not path or (factor and (not factor.isdigit() or int(factor) < 1)):
+            raise configs.UserError(f"--scenes: {item!r} is not PATH or PATH@K (K, the downscale, >= 1)")
+        name = os.path.basename(os.path.normpath(path)).removesuffix(".npz")
+        taken = {n for n, _, _ in scenes}
+        name = next(f"{name}{k or ''}" for k in range(len(scenes) + 1) if f"{name}{k or ''}" not in taken)
+        scenes.append((name, path, int(factor) if factor else None))
+    return scenes
+
+
+def scene_scores(metrics):
+    """What the scene table shows of one run's metrics: PSNR, SSIM and, for a BitNeRF run, its export's and size."""
+    scores = {"psnr": metrics["val_psnr"], "ssim": metrics["val_ssim"]}
+    if "export_psnr" in metrics:
+        scores.update(export_psnr=metrics["export_psnr"], export_ssim=metrics["export_ssim"],
+                      export_kb=metrics["export_bytes"] / 1e3)
+    return scores
+
+
+def scene_tables(scores):
+    """The field's tables from {scene: {experiment: scene_scores}}: PSNR (dB) and SSIM, a row per experiment (a
+    BitNeRF export on its own, with its size), a column per scene and their mean (over all of them, or '-')."""
+    scenes = list(scores)
+    exps = list(dict.fromkeys(e for by_exp in scores.values() for e in by_exp))
+    text = []
+    for metric, title, fmt in (("psnr", "PSNR (dB)", "{:.2f}"), ("ssim", "SSIM", "{:.3f}")):
+        rows = []
+        for exp, key, label in [(e, k, n) for e in exps for k, n in ((metric, e), (f"export_{metric}", f"{e} export"))]:
+            cells = {s: scores[s][exp] for s in scenes if key in scores[s].get(exp, {})}
+            if cells:
+                size = (lambda c: f" ({c['export_kb']:.0f} kB)") if key == "export_psnr" else (lambda c: "")
+                full = len(cells) == len(scenes)
+                rows.append({"experiment": label, **{s: fmt.format(c[key]) + size(c) for s, c in cells.items()},
+                             "mean": fmt.format(statistics.mean(c[key] for c in cells.values())) if full else "-"})
+        text += [f"{title} on each scene's held-out views:", "", markdown(rows, ["experiment", *scenes, "mean"]), ""]
+    return "\n".join(text)
 
 
 def markdown(rows, cols):
@@ -325,11 +387,19 @@ def main():
     p.add_argument("--quality", action="store_true", help="time-to-quality mode")
     p.add_argument("--budget_s", type=float, default=None, help="quality mode: seconds of training (default 600 on "
                    "a CPU, 900 on a GPU)")
+    p.add_argument("--scenes", default=None, help="quality mode: comma-separated data paths (PATH@K: downscale K) to "
+                   "run each experiment on, and a table of PSNR/SSIM per scene and their mean")
     p.add_argument("--ddp", action="store_true", help="under torchrun: the all-reduce's share of a DDP step")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
     if args.child:
         return run_child(args, overrides)
+    try:
+        scenes = parse_scenes(args.scenes) if args.scenes else [(None, args.data, None)]
+    except configs.UserError as e:
+        p.error(str(e))
+    if args.scenes and not args.quality:
+        p.error("--scenes is for --quality (time to quality per scene); the speed mode takes one --data")
     for exp in args.exps.split(","):  # bad names and overrides stop here, before any child starts
         if not hasattr(configs, exp.upper()) or not exp.startswith("exp"):
             p.error(f"--exps: unknown experiment {exp!r}; use names like exp1,exp3")
@@ -346,8 +416,8 @@ def main():
     args.budget_s = args.budget_s or QUALITY_MARKS_S[device.type][-1]
     name = (torch.cuda.get_device_name() if device.type == "cuda"
             else f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})")
-    print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, data {os.path.basename(args.data)}")
-    rows = []
+    data = args.scenes or os.path.basename(args.data)
+    print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, data {data}")
     if not args.quality:
         peaks = {dt: mm_peak_gflops(getattr(torch, dt), device) for dt in ("float32", "bfloat16")}
         print(f"torch.mm peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
@@ -355,24 +425,19 @@ def main():
         compiles = ("preset",) if args.quality else ("off", "on")
     else:
         compiles = (args.compile,)
-    for exp in args.exps.split(","):
-        for comp in compiles:
-            cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={args.data}",
-                   f"--steps={args.steps}", f"--budget_s={args.budget_s}",
-                   *overrides]
-            out = subprocess.run(cmd + (["--quality"] if args.quality else []), capture_output=True, text=True)
-            line = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
-            if out.returncode or not line:
-                print(f"{exp} (compile {comp}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)
-                continue
-            row = json.loads(line[-1][6:])
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+    rows = [row for scene in scenes for exp in args.exps.split(",") for comp in compiles
+            for row in run_children(args, overrides, scene, exp, comp)]
     if args.quality:
         marks = [f"psnr@{m:g}s" for m in quality_marks(device, args.budget_s)]
-        print(markdown(rows, ["exp", "resolution", "background", "dtype", "batch", "samples_per_ray", *marks, "ssim",
-                              "steps", "samples_per_s",
+        print(markdown(rows, ["scene"] * bool(args.scenes) + ["exp", "resolution", "background", "dtype", "batch",
+                                                               "samples_per_ray", *marks, "ssim", "steps",
+                              "samples_per_s",
                               "% of samples trained", "mlp_gflops", "mm_peak_gflops", "% of mm peak", "peak_mem_mb"]))
+        if args.scenes:
+            scores = {}
+            for row in rows:
+                scores.setdefault(row["scene"], {})[row["exp"]] = row["scores"]
+            print("\n" + scene_tables(scores))
     else:
         print(markdown(rows, ["exp", "dtype", "compile", "batch", "samples_per_ray", "rays_per_s", "samples_per_s",
                               "mlp_gflops", "mm_peak_gflops", "% of mm peak", "mlp_gflops culled",

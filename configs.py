@@ -43,7 +43,7 @@ EXP1 = {
     "NUM_SAMPLES": 64,           # stratified samples per ray between the scene's near and far bounds
     "NUM_FINE": 0,               # extra samples per ray drawn where a no-grad first pass found density (0 = one pass)
     "CHUNK": 4096,               # rays per forward pass when rendering whole images (memory, not results)
-    "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training and rendering)
+    "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training, rendering; not NDC)
     "SCENE_BOUND": 0.0,          # the model's cube [-b, b]^3 (0 = the data's: 1.5 Blender, 1 NDC, 2 contracted)
     "GRID_RES": 64,              # occupancy grid cells per axis
     "SKIP_ZERO_DENSITY": False,  # training: a no-grad pass drops the samples of zero ReLU density (no gradient) first

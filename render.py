@@ -509,8 +509,9 @@ def video_path(frame, cameras, n):
 
 def build_grid(cfg, frame, device):
     """The occupancy grid a config asks for (or None), over the frame's cube; a cell counts as empty below alpha
-    0.01 per sample."""
-    if not cfg["OCC_GRID"]:
+    0.01 per sample. None in NDC: a forward-facing scene fills its frustum, and culling there cost more quality than its
+    extra steps bought (docs/captures.md)."""
+    if not cfg["OCC_GRID"] or frame.space == "ndc":
         return None
     threshold = -math.log(1 - 0.01) / frame.sample_step(cfg["NUM_SAMPLES"])
     return OccupancyGrid(frame.bound, cfg["GRID_RES"], threshold, frame.space == "contract").to(device)

@@ -1,6 +1,7 @@
 """Run every experiment (presets, configs.VARIANTS) for one time budget; write media/results.md, curves, GIFs.
 
     python report.py [--budget_s=600] [--data=PATH [--downscale=N]] [--seeds=N] [--only=exp1,exp4] [--quick]
+    python report.py --scenes=PATH[@K],PATH[@K],... [--only=exp7,exp7-bitnerf] [--budget_s=1200]
 
 Each experiment trains from scratch in its own run directory (a preset with LAUNCH=torchrun under torchrun with
 2 processes; on a GPU machine one per GPU, at most 2) and is evaluated on all the held-out views each time its
@@ -10,8 +11,10 @@ their spread. Once all have run, their 360-degree orbit and depth GIFs, the tabl
 the media directory.
 A full report (every preset, not --quick) writes media/ and rewrites the README's results block; --only and --quick
 write theirs under the run directory instead. --quick (a few seconds per experiment, a coarser occupancy grid)
-checks that the pipeline works. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops the running experiment at
-its checkpoint and writes nothing to the media directory.
+checks that the pipeline works. --scenes runs the report on each scene (a data path, @K: its downscale) into
+OUT_DIR/SCENE (its results.md, curves and GIFs under MEDIA_DIR/SCENE), then writes scenes.md: the field's table of
+PSNR and SSIM per scene and their mean, a BitNeRF export and its size on a row of its own. Ctrl-C, SIGTERM or
+SIGHUP (a closed terminal) stops the running experiment at its checkpoint and writes nothing to the media directory.
 """
 import argparse
 import json
@@ -25,7 +28,7 @@ import sys
 import time
 
 import configs
-from bench import SHARED_TINY, markdown, quality_marks
+from bench import SHARED_TINY, markdown, parse_scenes, quality_marks, scene_scores, scene_tables
 from utils import atomic_write, write_text
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -324,6 +327,8 @@ def parse_args(argv):
                    "(downloaded); synthetic for --quick")
     p.add_argument("--downscale", type=int, default=None, help="a nerf_synthetic --data folder's image downscale "
                    "(1 = 800 px, 4 = 200 px; default: the presets')")
+    p.add_argument("--scenes", default=None, help="comma-separated data paths (PATH@K: downscale K): the report on "
+                   "each, and scenes.md, a table of PSNR/SSIM per scene and their mean (in place of --data)")
     p.add_argument("--seeds", type=int, default=1, help="runs per experiment (SEED 0 .. N-1): mean +- std")
     p.add_argument("--only", default=",".join(EXPERIMENTS), help="comma-separated experiments to run")
     p.add_argument("--quick", action="store_true", help="a few seconds per experiment: checks the pipeline")
@@ -341,17 +346,58 @@ def parse_args(argv):
     args.exps = args.only.split(",")
     if args.seeds < 1 or (args.downscale is not None and args.downscale < 1):
         raise configs.UserError(f"--seeds={args.seeds} --downscale={args.downscale}: both must be >= 1")
-    full = not args.quick and sorted(args.exps) == sorted(EXPERIMENTS)  # a partial report must not replace the full one
+    args.scenes = parse_scenes(args.scenes) if args.scenes else None
+    # a partial or multi-scene report must not replace the full one
+    full = not args.quick and not args.scenes and sorted(args.exps) == sorted(EXPERIMENTS)
     args.media_dir = args.media_dir or (os.path.join(ROOT, "media") if full else args.out_dir)
     args.readme = args.readme if full else None
     unknown = [e for e in args.exps if e not in EXPERIMENTS]
     if unknown:
         raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; "
                                 f"choose from {', '.join(EXPERIMENTS)}")
-    named = args.data in ("auto", "tiny_nerf", "synthetic")
-    if not args.data.endswith(".npz") and not named and not os.path.isdir(args.data):
-        raise configs.UserError(f"--data={args.data}: no such file or folder; pass a .npz, a scene folder or tiny_nerf")
+    for data in [path for _, path, _ in args.scenes] if args.scenes else [args.data]:
+        named = data in ("auto", "tiny_nerf", "synthetic")
+        if not data.endswith(".npz") and not named and not os.path.isdir(data):
+            raise configs.UserError(f"--data={data}: no such file or folder; pass a .npz, a scene folder or tiny_nerf")
     return args
+
+
+def scene_args(args, scene):
+    """The report's arguments for one scene of --scenes: its data and downscale, its own run and media folders."""
+    name, data, downscale = scene
+    return argparse.Namespace(**{**vars(args), "data": data, "downscale": downscale or args.downscale, "scenes": None,
+                                 "out_dir": os.path.join(args.out_dir, name),
+                                 "media_dir": os.path.join(args.media_dir, name), "readme": None})
+
+
+def mean_scores(runs):
+    """The scene table's scores of an experiment's runs (one per seed): each the mean over the seeds."""
+    scores = [scene_scores(m) for m in runs]
+    return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
+
+
+def report_scenes(args, argv, t0):
+    """The report on each scene of --scenes, then scenes.md with the per-scene table; returns whether all ran."""
+    scores, complete = {}, True
+    for scene in args.scenes:
+        one = scene_args(args, scene)
+        os.makedirs(one.media_dir, exist_ok=True)
+        results, rows = run_all(one, argv)
+        complete &= len(results) == len(args.exps)
+        if results:
+            write_media(results, rows, one, argv, time.perf_counter() - t0)
+            scores[scene[0]] = {exp: mean_scores(runs) for exp, runs in results.items()}
+    if scores:
+        first = next(iter(scores))
+        head = (f"Machine: {machine()}. Date: {time.strftime('%Y-%m-%d')}. Command: `python report.py "
+                f"{shlex.join(argv)}`, code of commit {args.commit}; each experiment trained {args.budget_s:.0f} s "
+                f"per scene{f', mean over {args.seeds} seeds' if args.seeds > 1 else ''}. Scenes: "
+                + ", ".join(f"`{n}` = `{p}`" + (f" at downscale {k}" if k else "") for n, p, k in args.scenes)
+                + f". Each scene's table, curves and GIFs: its folder (e.g. [{first}/results.md]({first}/results.md)).")
+        text = head + "\n\n" + scene_tables(scores)
+        write_text(text, os.path.join(args.media_dir, "scenes.md"))
+        print(text + f"wrote {os.path.join(args.media_dir, 'scenes.md')}")
+    return complete
 
 
 def run_all(args, argv):
@@ -406,6 +452,8 @@ def main(argv=None):
         sys.exit(2)
     t0 = time.perf_counter()
     handlers = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    if args.scenes:
+        sys.exit(0 if report_scenes(args, argv, t0) else 1)
     results, rows = run_all(args, argv)
     for s, handler in handlers.items():  # writing the media is atomic, file by file: the default stop will do
         signal.signal(s, handler)

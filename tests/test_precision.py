@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import configs
 import train
 from configs import EXP1, EXP2, EXP3, ConfigError
 from nerf import NeRF
@@ -67,18 +68,21 @@ def test_bench_counts_the_matmul_flops_a_training_step_does_less_the_padding():
 
 
 def test_bench_quality_mode_prints_psnr_at_its_marks_and_the_runs_fraction_of_the_mm_peak():
+    """On two scenes (--scenes): a row for each, and the field's table with their mean."""
     import json
     import subprocess
     import sys
 
     import bench
 
-    out = subprocess.run([sys.executable, bench.__file__, "--quality", "--exps=exp1", "--budget_s=8",
-                          "--data=synthetic", "--num_layers=2", "--emb_dim=32", "--batch_size=256"],
+    out = subprocess.run([sys.executable, bench.__file__, "--quality", "--exps=exp1", "--budget_s=3",
+                          "--scenes=synthetic,synthetic", "--num_layers=2", "--emb_dim=32", "--batch_size=256"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    row = json.loads([ln for ln in out.stderr.splitlines() if ln.startswith("{")][-1])
-    assert row["psnr@8s"] > 5.0 and row["steps"] > 10  # the budget's end is always a mark
+    rows = [json.loads(ln) for ln in out.stderr.splitlines() if ln.startswith("{")]
+    assert [r["scene"] for r in rows] == ["synthetic", "synthetic1"]
+    row = rows[-1]
+    assert row["psnr@3s"] > 5.0 and row["steps"] > 10  # the budget's end is always a mark
     assert bench.quality_marks(torch.device("cpu"), 600) == [150, 300, 600]
     assert bench.quality_marks(torch.device("cuda"), 100) == [15, 60, 100]
     assert 0.0 < row["% of samples trained"] <= 100.0
@@ -86,6 +90,26 @@ def test_bench_quality_mode_prints_psnr_at_its_marks_and_the_runs_fraction_of_th
     share = 100 * row["mlp_gflops"] / row["mm_peak_gflops"]
     assert 0.0 < row["% of mm peak"] == pytest.approx(share, rel=0.02, abs=0.1)
     assert "| % of mm peak |" in out.stdout
+    mean = (rows[0]["scores"]["psnr"] + rows[1]["scores"]["psnr"]) / 2
+    assert "| experiment | synthetic | synthetic1 | mean |" in out.stdout
+    assert f"| exp1 | {rows[0]['scores']['psnr']:.2f} | {rows[1]['scores']['psnr']:.2f} | {mean:.2f} |" in out.stdout
+
+
+def test_the_scene_table_has_a_column_per_scene_their_mean_and_an_export_row():
+    import bench
+
+    run = lambda psnr, export=None: {"val_psnr": psnr, "val_ssim": psnr / 40, **({} if export is None else {  # noqa: E731
+        "export_psnr": export, "export_ssim": export / 40, "export_bytes": 263_100})}
+    scores = {"chair": {"exp7": bench.scene_scores(run(34.0)), "exp7-bitnerf": bench.scene_scores(run(33.0, 32.5))},
+              "fern": {"exp7": bench.scene_scores(run(22.0))}}
+    text = bench.scene_tables(scores)
+    assert "| exp7 | 34.00 | 22.00 | 28.00 |" in text and "| exp7 | 0.850 | 0.550 | 0.700 |" in text
+    assert "| exp7-bitnerf | 33.00 |  | - |" in text  # no mean over some of the scenes
+    assert "| exp7-bitnerf export | 32.50 (263 kB) |  | - |" in text and "| exp7-bitnerf export | 0.812 |" in text
+    assert bench.parse_scenes("a/fern@8,b/fern,c/chair_tiny.npz") == [("fern", "a/fern", 8), ("fern1", "b/fern", None),
+                                                                      ("chair_tiny", "c/chair_tiny.npz", None)]
+    with pytest.raises(configs.UserError, match="'a@0' is not PATH or PATH@K"):
+        bench.parse_scenes("a@0")
 
 
 def test_bench_applies_config_overrides_and_refuses_bad_ones_before_running():

@@ -39,6 +39,22 @@ def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):
         assert nproc("exp6") == [f"--nproc_per_node={procs}"]
 
 
+def test_each_scene_of_a_multi_scene_report_trains_its_own_data_in_its_own_folders():
+    args = report.parse_args(["--out_dir=x", "--media_dir=m", "--only=exp7", "--scenes=synthetic,synthetic@2"])
+    assert args.readme is None  # a multi-scene report never rewrites the README's table
+    one, two = (report.scene_args(args, scene) for scene in args.scenes)
+    cmd = report.command("exp7", two, report.run_dir_of(two, "exp7", 0))
+    assert {"--data=synthetic", "--downscale=2", f"--out_dir={os.path.join('x', 'synthetic1', 'exp7')}"} <= set(cmd)
+    assert (one.out_dir, one.media_dir, one.downscale) == (os.path.join("x", "synthetic"),
+                                                           os.path.join("m", "synthetic"), None)
+    runs = [{"val_psnr": 30.0, "val_ssim": 0.9, "export_psnr": 29.0, "export_ssim": 0.8, "export_bytes": 1000},
+            {"val_psnr": 32.0, "val_ssim": 0.8, "export_psnr": 30.0, "export_ssim": 0.9, "export_bytes": 1000}]
+    assert report.mean_scores(runs) == pytest.approx({"psnr": 31.0, "ssim": 0.85, "export_psnr": 29.5,
+                                                      "export_ssim": 0.85, "export_kb": 1.0})
+    with pytest.raises(UserError, match="--data=nowhere: no such file"):
+        report.parse_args(["--out_dir=x", "--scenes=synthetic,nowhere"])
+
+
 def test_the_table_names_what_each_model_stores_its_weights_in():
     hash_bit = {**configs.EXP7, "MODEL": "bitnerf", "HASH_TABLE_BITS": 8}
     assert [report.bits_per_weight(c) for c in (configs.EXP1, configs.EXP4, configs.EXP7, hash_bit)] == [

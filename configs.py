@@ -17,7 +17,7 @@ EXP1 = {
     "DOWNSCALE": 1,              # a folder's image downscale (nerf_synthetic 800 px: 4 = 200 px; LLFF: images_K/)
     "BACKGROUND": "white",       # a folder's RGBA composited over 'white' (the field's protocol) or 'black'
     "HOLDOUT": 8,                # a capture (LLFF, transforms.json): every HOLDOUT-th view validates (0: train ones)
-    "SPACE": "auto",             # 'auto' (the data's), 'cube' (objects), 'ndc' (forward-facing), 'contract' (unbounded)
+    "SPACE": "auto",             # 'auto' (the data's: ndc if forward-facing, else cube), 'cube', 'ndc', 'contract'
     "NEAR": 0.0,                 # depth where samples start along a ray (0 = the data's: 2 for Blender scenes)
     "FAR": 0.0,                  # depth where they end (0 = the data's: 6 for Blender scenes)
     "FRAME": "auto",             # the scene's frame: 'auto' (from the training views), or a run dir / ckpt.pt to share
@@ -44,7 +44,7 @@ EXP1 = {
     "NUM_FINE": 0,               # extra samples per ray drawn where a no-grad first pass found density (0 = one pass)
     "CHUNK": 4096,               # rays per forward pass when rendering whole images (memory, not results)
     "OCC_GRID": True,            # skip samples in cells an occupancy grid finds empty (training, rendering; not NDC)
-    "SCENE_BOUND": 0.0,          # the model's cube [-b, b]^3 (0 = the data's: 1.5 Blender, 1 NDC, 2 contracted)
+    "SCENE_BOUND": 0.0,          # the model's cube [-b, b]^3 (0 = the data's: 1.5 Blender, 1 NDC, from aabb_scale)
     "GRID_RES": 64,              # occupancy grid cells per axis
     "SKIP_ZERO_DENSITY": False,  # training: a no-grad pass drops the samples of zero ReLU density (no gradient) first
     "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)

@@ -494,10 +494,11 @@ def is_forward_facing(c2w):
 
 
 def capture_frame(c2w, intrinsics, sizes, bounds, space):
-    """A capture's frame from its training views: 'auto' is 'ndc' for a forward-facing capture, 'contract' for one
-    that looks in; bounds are an LLFF capture's depth bounds (N, 2), or a transforms.json's aabb_scale."""
+    """A capture's frame from its training views: 'auto' is 'ndc' for a forward-facing capture, 'cube' (Instant-NGP's
+    aabb) for one that looks in (in contracted space fox trained far worse: docs/captures.md); bounds are an LLFF
+    capture's depth bounds (N, 2), or a transforms.json's aabb_scale."""
     forward = is_forward_facing(c2w)
-    space = space if space != "auto" else "ndc" if forward else "contract"
+    space = space if space != "auto" else "ndc" if forward else "cube"
     if np.ndim(bounds) == 2:  # depth bounds: the cameras look at their middle depth
         center = c2w[:, :3, 3].mean(0) + normalize(-c2w[:, :3, 2].mean(0)) * bounds.mean()
     else:  # their axes' nearest point (far off, for parallel axes: then a depth range around it)

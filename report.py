@@ -376,11 +376,11 @@ def mean_scores(runs):
     return {k: sum(s[k] for s in scores) / len(scores) for k in scores[0]}
 
 
-def report_scenes(args, argv, t0):
+def report_scenes(args, argv):
     """The report on each scene of --scenes, then scenes.md with the per-scene table; returns whether all ran."""
     scores, complete = {}, True
     for scene in args.scenes:
-        one = scene_args(args, scene)
+        one, t0 = scene_args(args, scene), time.perf_counter()  # each scene's results.md: its own minutes
         os.makedirs(one.media_dir, exist_ok=True)
         results, rows = run_all(one, argv)
         complete &= len(results) == len(args.exps)
@@ -453,7 +453,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     handlers = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
     if args.scenes:
-        sys.exit(0 if report_scenes(args, argv, t0) else 1)
+        sys.exit(0 if report_scenes(args, argv) else 1)
     results, rows = run_all(args, argv)
     for s, handler in handlers.items():  # writing the media is atomic, file by file: the default stop will do
         signal.signal(s, handler)

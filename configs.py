@@ -79,6 +79,11 @@ EXP1 = {
     "VIDEO_FRAMES": 120,         # frames of the 360-degree video at the end (0 = no video)
     "VIDEO_EVERY": 0,            # also render the video every this many steps, as video_stepN.mp4 (0 = only at the end)
     "VIDEO_DOWNSCALE": 1,        # the video's resolution: the views' divided by this (full-size orbits are slow on CPU)
+    "VIEWER": False,             # serve a web viewer of the model as it trains (rank 0); view.py shows a finished run
+    "VIEWER_HOST": "127.0.0.1",  # the viewer's address: this machine only (ssh -L reaches it); another warns
+    "VIEWER_PORT": 8080,         # the viewer's port (0 = any free one)
+    "VIEWER_RES": 400,           # the viewer's sharp frame: pixels on its longer side (its time grows as their square)
+    "VIEWER_FRAME_S": 2.0,       # ... or fewer, where the measured speed would take longer than this many seconds
     "WANDB": "auto",             # 'auto' (online with an API key, else offline), 'online', 'offline', 'disabled'
     "WANDB_PROJECT": "nerf-experiments",  # wandb project name
 }
@@ -133,11 +138,11 @@ CHOICES = {"MODEL": ("nerf", "bitnerf"), "ENCODING": ("frequency", "hash"), "DEN
            "SPACE": ("auto", "cube", "ndc", "contract"),
            "RECIPE": tuple(RECIPES)}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
-            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "GRID_RES", "VIDEO_DOWNSCALE",
+            "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "GRID_RES", "VIDEO_DOWNSCALE", "VIEWER_RES", "VIEWER_FRAME_S",
             "HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS")
 NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR",
                 "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES",
-                "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR", "FAR", "HOLDOUT")
+                "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR", "FAR", "HOLDOUT", "VIEWER_PORT")
 
 
 def parse_value(key, text, default):

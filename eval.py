@@ -41,6 +41,17 @@ def load_model(ckpt, cfg, device, path):
     return model
 
 
+def load_field(ckpt, cfg, frame, device, path):
+    """The checkpoint's (or export's) model and its occupancy grid over the frame (None where the config has none)."""
+    model = load_model(ckpt, cfg, device, path)
+    if "format" in ckpt:  # an export carries no occupancy grid: measure one from the model
+        return model, rebuild_grid(model, cfg, frame, device)
+    grid = build_grid(cfg, frame, device)
+    if grid is not None:
+        grid.load_state_dict(ckpt["grid"])
+    return model, grid
+
+
 def runnable_config(cfg, device):
     """The checkpoint's config, in float32 where its DTYPE cannot run on this device (float16 needs CUDA), with a
     notice."""
@@ -72,7 +83,6 @@ def run(args):
     cfg = runnable_config(ckpt["config"], device)
     prepare_out(args.out)
     exported = "format" in ckpt
-    model = load_model(ckpt, cfg, device, path)
     data = args.data or cfg["DATA"]
     split = default_split(args.data, data) if args.split == "auto" else args.split
     # the run's frame: other views of its capture (their own poses_bounds.npy or transforms.json) land in it too
@@ -81,12 +91,7 @@ def run(args):
     if split not in scene.splits:
         raise UserError(f"--split={split}: {data} has only {', '.join(sorted(scene.splits))}")
     views, scene.background = scene.splits[split].to(device), scene.background.to(device)
-    if exported:  # an export carries no occupancy grid: measure one from the model
-        grid = rebuild_grid(model, cfg, scene.frame, device)
-    else:
-        grid = build_grid(cfg, scene.frame, device)
-        if grid is not None:
-            grid.load_state_dict(ckpt["grid"])
+    model, grid = load_field(ckpt, cfg, scene.frame, device, path)
     t0 = time.perf_counter()
     scores, _ = evaluate_views(model, views, scene, cfg, grid, autocast_context(cfg, device), save_dir=args.out)
     result = {"psnr": round(scores["psnr"], 4), "ssim": round(scores["ssim"], 4), "data": data, "split": split,

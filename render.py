@@ -435,14 +435,17 @@ def render_rays(model, rays, frame, num_samples, background, generator=None, gri
 
 @torch.no_grad()
 def render_image(model, camera, frame, num_samples, background, chunk, grid=None, num_fine=0,
-                 min_transmittance=0.0):
+                 min_transmittance=0.0, stop=None):
     """Render view 0 of camera CHUNK rays at a time (memory independent of image size); rgb (H,W,3), depth,
-    opacity."""
+    opacity. `stop`, asked before each chunk, abandons the image (None is returned) when it answers True."""
     H, W = camera.hw()
     rays = get_rays(camera, 0, frame)
-    outs = [render_rays(model, Rays(*r), frame, num_samples, background, grid=grid, num_fine=num_fine,
-                        min_transmittance=min_transmittance)
-            for r in zip(*(x.split(chunk) for x in rays), strict=True)]
+    outs = []
+    for r in zip(*(x.split(chunk) for x in rays), strict=True):
+        if stop is not None and stop():
+            return None
+        outs.append(render_rays(model, Rays(*r), frame, num_samples, background, grid=grid, num_fine=num_fine,
+                                min_transmittance=min_transmittance))
     rgb, depth, acc = (torch.cat(x) for x in zip(*outs, strict=True))
     return rgb.reshape(H, W, 3), depth.reshape(H, W), acc.reshape(H, W)
 
@@ -530,11 +533,11 @@ def rebuild_grid(model, cfg, frame, device, passes=16):
     return grid
 
 
-def render_view(model, camera, scene, cfg, grid, amp):
-    """Render view 0 of camera with the config's sampling, under amp."""
+def render_view(model, camera, scene, cfg, grid, amp, stop=None):
+    """Render view 0 of camera with the config's sampling, under amp (stop: see render_image)."""
     with amp:
         return render_image(model, camera, scene.frame, cfg["NUM_SAMPLES"], scene.background, cfg["CHUNK"], grid,
-                            cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"])
+                            cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"], stop)
 
 
 def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None, rank=0, world=1):

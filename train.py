@@ -512,6 +512,36 @@ class Trainer:
 
         self.bar = tqdm(total=cfg["MAX_STEPS"], initial=self.state.step, desc=cfg["EXPERIMENT"], dynamic_ncols=True,
                         disable=None if self.main_rank else True)
+        self.viewer = self.open_viewer() if cfg["VIEWER"] and self.main_rank else None
+
+    def open_viewer(self):
+        """The web viewer of the model as it trains (VIEWER, rank 0): it renders between steps (see watch)."""
+        from view import Viewer, field_renderer
+
+        cfg = self.cfg
+        render = field_renderer(self.fast, self.scene, cfg, self.grid, self.amp)
+        viewer = Viewer(render, self.scene.frame, self.train_views.cameras, self.train_views, cfg["VIEWER_HOST"],
+                        cfg["VIEWER_PORT"], cfg["VIEWER_RES"], cfg["VIEWER_FRAME_S"], training=True,
+                        title=f"{cfg['EXPERIMENT']} (training)")
+        print(f"viewer: http://{cfg['VIEWER_HOST']}:{viewer.port}", file=sys.stderr, flush=True)
+        return viewer
+
+    def watch(self, stopping):
+        """Between steps, with the viewer on: the run's progress to it and the frames its browsers wait for; held
+        here while its pause is on (neither counts as training time)."""
+        while self.viewer is not None:
+            self.viewer.update(self.state.step, self.rays_per_s, self.state.train_seconds)
+            self.viewer.poll(self.state.step)
+            if not self.viewer.paused or stopping():
+                return
+            time.sleep(0.05)
+
+    def close_viewer(self):
+        """Stop the viewer's server (once); the finished run is for view.py."""
+        if self.viewer is not None:
+            self.viewer.close()
+            self.viewer = None
+            print(f"viewer stopped; view the result with: python view.py {self.out_dir}", file=sys.stderr)
 
     def load_data(self, cfg, ckpt):
         """The scene (in its checkpoint's frame, FRAME's or the data's own) and its training and validation views on
@@ -788,19 +818,23 @@ class Trainer:
 def fit(cfg, rank, world, device):
     """The training loop of one rank (rank 0 of 1 without torchrun); returns the final metrics dict."""
     trainer = Trainer(cfg, rank, world, device)
-    with GracefulStop(not dist.is_initialized()) as stop:  # Ctrl-C: end the step, checkpoint, stop
-        trainer.announce()
-        while not trainer.done() and stop.signum is None:
-            t0 = time.perf_counter()
-            lr = trainer.scheduled_learning_rate()
-            trainer.set_learning_rate(lr)
-            trainer.update_grid()
-            mse, reg, grad_norm = trainer.train_step()
-            trainer.add_time(time.perf_counter() - t0)
-            trainer.log(lr, mse, reg, grad_norm)
-            trainer.validate_if_due()
-            trainer.video_if_due()
-            trainer.checkpoint_if_due()
+    try:
+        with GracefulStop(not dist.is_initialized()) as stop:  # Ctrl-C: end the step, checkpoint, stop
+            trainer.announce()
+            while not trainer.done() and stop.signum is None:
+                trainer.watch(lambda: stop.signum is not None)
+                t0 = time.perf_counter()
+                lr = trainer.scheduled_learning_rate()
+                trainer.set_learning_rate(lr)
+                trainer.update_grid()
+                mse, reg, grad_norm = trainer.train_step()
+                trainer.add_time(time.perf_counter() - t0)
+                trainer.log(lr, mse, reg, grad_norm)
+                trainer.validate_if_due()
+                trainer.video_if_due()
+                trainer.checkpoint_if_due()
+    finally:
+        trainer.close_viewer()
     trainer.bar.close()
     trainer.checkpoint()
     if stop.signum is not None:

@@ -1,0 +1,349 @@
+"""Look inside a trained field in a web browser: fly the camera anywhere, RGB or depth, the training cameras as
+frustums. The same viewer watches a run while it trains (--viewer=true on any experiment).
+
+    python view.py RUN_DIR|ckpt.pt|export.pt [--port=8080] [--host=127.0.0.1] [--max_res=400] [--frame_s=2]
+
+It listens on 127.0.0.1: this machine only. From another machine, forward the port (ssh -L 8080:localhost:8080 HOST)
+and open http://localhost:8080. Frames come from the project's own renderer (occupancy grid, early termination,
+chunks), in the run's frame: a small one while the camera moves; once it stops, a sharp one, --max_res pixels on its
+longer side or fewer, so that it renders in about --frame_s seconds. Built on viser alone (not nerfview): why, in
+docs/viewer.md.
+"""
+import argparse
+import ipaddress
+import math
+import socket
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from configs import UserError
+from render import Cameras, render_view
+from utils import depth_image, to_uint8
+
+OPENCV_TO_OPENGL = np.diag([1.0, -1.0, -1.0, 1.0])  # viser's cameras look down +z with +y down; ours down -z, +y up
+PREVIEW_SECONDS = 0.1  # a frame while the camera moves takes about this long (its size follows the measured speed)
+SETTLE_SECONDS = 0.25  # once the camera has stood still this long, the sharp frame
+WATCH_SHARE = 0.2  # training: fresh frames of the changing model take at most this share of the wall clock
+MAX_FRUSTUMS = 200  # training cameras drawn (evenly picked beyond this)
+
+
+def is_loopback(host):
+    """Whether host names this machine only (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_port(host, port):
+    """Stop with one line if host:port cannot be listened on (viser would quietly move to the next port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port's TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+
+
+def camera_pose(wxyz, position):
+    """A viser camera (quaternion wxyz, position; OpenCV axes) as a camera-to-world matrix in OpenGL axes (4, 4)."""
+    import viser.transforms as vt
+
+    c2w = np.eye(4)
+    c2w[:3, :3] = vt.SO3(np.asarray(wxyz, dtype=np.float64)).as_matrix()
+    c2w[:3, 3] = position
+    return torch.tensor(c2w @ OPENCV_TO_OPENGL, dtype=torch.float32)
+
+
+def viser_pose(c2w):
+    """The inverse of camera_pose: (wxyz, position) of a camera-to-world matrix in OpenGL axes."""
+    import viser.transforms as vt
+
+    m = np.asarray(c2w, dtype=np.float64) @ OPENCV_TO_OPENGL
+    return vt.SO3.from_matrix(m[:3, :3]).wxyz, m[:3, 3]
+
+
+def frame_size(aspect, pixels=None, longest=None):
+    """(H, W) of a frame of the given aspect (W / H): about `pixels` pixels, or `longest` on its longer side."""
+    if longest is not None:
+        return (longest, max(1, round(longest * aspect))) if aspect <= 1 else (max(1, round(longest / aspect)), longest)
+    H = max(8, round(math.sqrt(pixels / aspect)))
+    return H, max(8, round(H * aspect))
+
+
+def viewer_camera(wxyz, position, fov, hw):
+    """One camera of the project (render.Cameras) for a viser view: vertical fov in radians, hw = (H, W) pixels."""
+    H, W = hw
+    f = H / 2 / math.tan(fov / 2)
+    return Cameras(camera_pose(wxyz, position)[None], torch.tensor([[f, f, W / 2, H / 2]], dtype=torch.float32),
+                   torch.tensor([[H, W]]))
+
+
+def field_renderer(model, scene, cfg, grid, amp):
+    """render(camera, stop) -> (rgb, depth, opacity), or None when stop() said so: the config's sampling, the
+    model in eval mode (as validation renders it) and back."""
+    def render(camera, stop=None):
+        was_training = model.training
+        model.eval()
+        try:
+            return render_view(model, camera.to(scene.background.device), scene, cfg, grid, amp, stop)
+        finally:
+            model.train(was_training)
+    return render
+
+
+def scene_up(cameras, frame):
+    """The scene's up: the mean of the cameras' up axes (+z for an object without cameras, +y in NDC)."""
+    if cameras is None or len(cameras) == 0:
+        return np.array([0.0, 1.0, 0.0] if frame.space == "ndc" else [0.0, 0.0, 1.0])
+    up = cameras.poses[:, :3, 1].double().mean(0).cpu().numpy()
+    return up / max(np.linalg.norm(up), 1e-9)
+
+
+class ClientView:
+    """What one browser shows: its camera (changed by its thread), and what was last rendered for it."""
+
+    def __init__(self, client):
+        self.client, self.version, self.moved = client, 0, 0.0
+        self.camera = None  # (wxyz, position, fov, aspect)
+        self.shown_version, self.sharp, self.shown_step = -1, False, None
+
+    def moved_to(self, camera):
+        self.camera, self.moved = camera, time.monotonic()
+        self.version += 1
+
+
+class Viewer:
+    """A viser server that renders a field for every browser connected. Frames are rendered by whoever calls
+    poll(): view.py's loop, or the training loop between steps (so a frame never runs beside a training step and
+    training takes the same steps with the viewer as without). render(camera, stop) is field_renderer's."""
+
+    def __init__(self, render, frame, cameras=None, images=None, host="127.0.0.1", port=8080, max_res=400,
+                 frame_s=2.0, training=False, title="nerf-experiments"):
+        import viser
+
+        if not is_loopback(host):
+            print(f"warning: the viewer listens on {host}: anyone who can reach this machine on port {port} sees it "
+                  f"(it has no password); the default 127.0.0.1 with ssh -L is safer", file=sys.stderr)
+        if not (64 <= max_res <= 2048 and 0.2 <= frame_s <= 60):
+            raise UserError(f"a sharp frame of {max_res} px and {frame_s} s: pick 64 to 2048 px (--max_res, "
+                            f"VIEWER_RES) and 0.2 to 60 s (--frame_s, VIEWER_FRAME_S)")
+        if port:
+            check_port(host, port)
+        self.render, self.frame, self.views = render, frame, {}
+        self.pixels_per_s = 20000.0  # until measured: the preview's size follows it
+        self.paused, self.sharp_frames, self.next_refresh, self.next_status = False, 0, 0.0, 0.0
+        self.server = viser.ViserServer(host=host, port=port, label=title, verbose=False)
+        if port and self.server.get_port() != port:  # taken between the check and the bind
+            self.server.stop()
+            raise UserError(f"cannot listen on {host}:{port} (in use); pick another --port")
+        self.server.gui.configure_theme(show_share_button=False, dark_mode=True)  # sharing calls an outside server
+        self.up = scene_up(cameras, frame)
+        self.server.scene.set_up_direction(tuple(self.up))
+        self.add_controls(max_res, frame_s, training)
+        if cameras is not None and len(cameras):
+            self.add_cameras(cameras, images)
+            self.start_at(cameras[0])
+        self.server.on_client_connect(self.connect)
+        self.server.on_client_disconnect(lambda client: self.views.pop(client.client_id, None))
+
+    @property
+    def port(self):
+        return self.server.get_port()
+
+    def add_controls(self, max_res, frame_s, training):
+        """The panel: what to show, the sharp frame's size and time, errors; in training the run's progress and a
+        pause."""
+        gui = self.server.gui
+        self.show = gui.add_dropdown("show", ("rgb", "depth"), initial_value="rgb")
+        self.max_res = gui.add_slider("sharp frame px", min=64, max=2048, step=1, initial_value=max_res,
+                                      hint="the longer side of the frame rendered once the camera stops")
+        self.frame_s = gui.add_slider("sharp frame s", min=0.2, max=60.0, step=0.1, initial_value=frame_s,
+                                      hint="a sharp frame renders fewer pixels where it would take longer than this")
+        for control in (self.show, self.max_res, self.frame_s):
+            control.on_update(lambda _: self.rerender())
+        self.status = gui.add_markdown("")
+        self.error = gui.add_markdown("")
+        if training:
+            self.pause = gui.add_button("pause training")
+            self.pause.on_click(lambda _: self.toggle_pause())
+
+    def toggle_pause(self):
+        self.paused, self.next_status = not self.paused, 0.0
+        self.pause.label = "resume training" if self.paused else "pause training"
+
+    def add_cameras(self, cameras, images=None):
+        """The training cameras as frustums, each with a thumbnail of its image where there is one."""
+        keep = np.linspace(0, len(cameras) - 1, min(len(cameras), MAX_FRUSTUMS)).round().astype(int)
+        positions = cameras.poses[:, :3, 3].double().cpu()
+        extent = (positions - positions.mean(0)).norm(dim=-1).median().item()
+        self.frustums = []
+        for k in keep.tolist():
+            H, W = cameras.hw(k)
+            wxyz, position = viser_pose(cameras.poses[k].cpu())
+            thumb = None
+            if images is not None:
+                step = max(1, max(H, W) // 64)
+                thumb = to_uint8(images.image(k)[::step, ::step])
+            self.frustums.append(self.server.scene.add_camera_frustum(
+                f"/cameras/{k}", fov=2 * math.atan(H / 2 / cameras.intrinsics[k, 1].item()), aspect=W / H,
+                scale=0.05 * max(extent, 0.5), thickness=1.5, thickness_units="screen", wxyz=wxyz, position=position,
+                image=thumb, color=(255, 211, 105)))
+        shown = self.server.gui.add_checkbox("training cameras", initial_value=True)
+        shown.on_update(lambda _: self.show_cameras(shown.value))
+
+    def show_cameras(self, visible):
+        """Show or hide the training cameras' frustums."""
+        for frustum in self.frustums:
+            frustum.visible = visible
+
+    def start_at(self, camera):
+        """Browsers start behind a training camera (half as far again from what it looks at: the centre of the scene
+        in front of it, or the focus in NDC), looking the same way, with the scene's up as up: the cameras beside it
+        are in view, not in the way."""
+        c2w = camera.poses[0].double().cpu()
+        position, forward = c2w[:3, 3], -c2w[:3, 2]
+        depth = self.frame.focus if self.frame.space == "ndc" else max(-(position @ forward).item(), 0.1)
+        initial = self.server.initial_camera
+        initial.position = (position - 0.5 * depth * forward).numpy()
+        initial.look_at = (position + depth * forward).numpy()
+        initial.up = self.up
+        H = camera.hw()[0]
+        initial.fov = 2 * math.atan(H / 2 / camera.intrinsics[0, 1].item())
+
+    def connect(self, client):
+        view = self.views[client.client_id] = ClientView(client)
+
+        @client.camera.on_update
+        def _(cam):
+            view.moved_to((cam.wxyz.copy(), cam.position.copy(), cam.fov, cam.aspect))
+
+    def rerender(self):
+        """Render every browser's view anew (the setting it is drawn with changed)."""
+        for view in list(self.views.values()):
+            view.shown_version = -1
+
+    def update(self, step, rays_per_s, train_seconds):
+        """Training: the run's progress in the panel (twice a second at most: each change is a message)."""
+        if time.monotonic() < self.next_status:
+            return
+        self.next_status = time.monotonic() + 0.5
+        self.status.content = (f"**step {step}** · {rays_per_s:,.0f} rays/s · {train_seconds:.0f} s trained"
+                               + (" · paused" if self.paused else ""))
+
+    def poll(self, step=None):
+        """Render what the browsers wait for: a small frame for a camera that moved, the sharp one once it has
+        stood still, and (training: step given) a fresh sharp one of the changing model now and then."""
+        for view in list(self.views.values()):
+            if view.camera is None:
+                continue
+            now = time.monotonic()
+            if view.version != view.shown_version:
+                self.draw(view, sharp=False)
+            elif not view.sharp and now - view.moved >= SETTLE_SECONDS:
+                self.draw(view, sharp=True)
+            elif step is not None and step != view.shown_step and now >= self.next_refresh:
+                self.draw(view, sharp=True, step=step)
+
+    def sharp_size(self, aspect):
+        """(H, W) of a sharp frame: max_res on its longer side, or as many pixels as the measured speed renders in
+        frame_s seconds where that is fewer."""
+        H, W = frame_size(aspect, longest=int(self.max_res.value))
+        budget = self.pixels_per_s * self.frame_s.value
+        return (H, W) if H * W <= budget else frame_size(aspect, pixels=budget)
+
+    def draw(self, view, sharp, step=None):
+        """Render view's camera (sharp: at the set size; else small) and send it; a camera that moves meanwhile
+        abandons a sharp frame; an error goes to the panel and the log, and the server stays up."""
+        version, (wxyz, position, fov, aspect) = view.version, view.camera
+        hw = self.sharp_size(aspect) if sharp else frame_size(aspect, pixels=self.pixels_per_s * PREVIEW_SECONDS)
+        t0 = time.perf_counter()
+        try:
+            out = self.render(viewer_camera(wxyz, position, fov, hw), (lambda: view.version != version) if sharp
+                              else None)
+            if out is None:
+                return
+            rgb, depth, acc = out
+            image = depth_image(depth, acc, *self.frame.depth_range()) if self.show.value == "depth" else to_uint8(rgb)
+            view.client.scene.set_background_image(image, format="jpeg", jpeg_quality=90 if sharp else 60)
+        except Exception as e:  # noqa: BLE001 - the viewer outlives a bad frame
+            traceback.print_exc()
+            self.error.content = f"render failed: {type(e).__name__}: {e}"
+            view.shown_version, view.sharp = version, True
+            return
+        seconds = time.perf_counter() - t0
+        self.pixels_per_s = hw[0] * hw[1] / max(seconds, 1e-3)
+        view.shown_version, view.sharp, view.shown_step = version, sharp, step
+        self.sharp_frames += sharp
+        if step is not None:
+            self.next_refresh = time.monotonic() + seconds / WATCH_SHARE
+
+    def close(self):
+        self.server.stop()
+
+
+def open_viewer(path, host="127.0.0.1", port=8080, max_res=400, frame_s=2.0, device="auto"):
+    """A Viewer of a run directory, checkpoint or BitNeRF export; its training cameras when its data is at hand."""
+    from dataset import Scene, scene_of
+    from eval import load_field, runnable_config
+    from render import Frame
+    from train import autocast_context, resolve_device
+    from utils import checkpoint_path, load_checkpoint
+
+    path = checkpoint_path(path)
+    ckpt = load_checkpoint(path)
+    device = resolve_device(device)
+    cfg = runnable_config(ckpt["config"], device)
+    frame = Frame.of(cfg["FRAME"]) if isinstance(cfg["FRAME"], dict) else None
+    try:
+        scene = scene_of(cfg, ("train",), frame)
+        views = scene.splits["train"]
+    except UserError as e:
+        if frame is None:  # a run from before frames were saved: its frame comes from its data
+            raise
+        print(f"notice: {e}; showing the field without its training cameras", file=sys.stderr)
+        scene, views = Scene({}, frame, torch.full((3,), float(cfg["BACKGROUND"] == "white"))), None
+    scene.background = scene.background.to(device)
+    model, grid = load_field(ckpt, cfg, scene.frame, device, path)
+    render = field_renderer(model, scene, cfg, grid, autocast_context(cfg, device))
+    title = f"{cfg['EXPERIMENT']} · step {ckpt.get('step', '?')}"
+    return Viewer(render, scene.frame, views and views.cameras, views, host, port, max_res, frame_s, title=title)
+
+
+def main(argv=None):
+    """Parse arguments and serve until Ctrl-C; bad input is one line on stderr and exit 2."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt", help="run directory holding ckpt.pt, a checkpoint file, or a BitNeRF export")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: this machine only)")
+    p.add_argument("--max_res", type=int, default=400, help="pixels on the longer side of the sharp frame")
+    p.add_argument("--frame_s", type=float, default=2.0, help="a sharp frame renders fewer pixels where it would "
+                   "take longer than this many seconds")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
+    args = p.parse_args(argv)
+    try:
+        viewer = open_viewer(args.ckpt, args.host, args.port, args.max_res, args.frame_s, args.device)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"viewer of {args.ckpt} at http://{args.host}:{viewer.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
+    try:
+        while True:
+            viewer.poll()
+            time.sleep(0.01)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        viewer.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -473,6 +473,10 @@ class Trainer:
                               f"processes; use a multiple of {world}")
         self.rank, self.world, self.device = rank, world, device
         self.main_rank = rank == 0  # only it writes files, logs and renders videos
+        if cfg["VIEWER"] and self.main_rank:  # a busy port or a bad size: said now, not after loading and compiling
+            from view import check_settings
+
+            check_settings(cfg["VIEWER_HOST"], cfg["VIEWER_PORT"], cfg["VIEWER_RES"], cfg["VIEWER_FRAME_S"])
         self.amp = autocast_context(cfg, device)
         if self.main_rank and cfg["DTYPE"] == "bfloat16" and bf16_matmul_is_slow(device):
             print("notice: this CPU has no fast bf16 matmul (oneDNN's needs AVX-512), so --dtype=bfloat16 trains far "
@@ -528,13 +532,16 @@ class Trainer:
 
     def watch(self, stopping):
         """Between steps, with the viewer on: the run's progress to it and the frames its browsers wait for; held
-        here while its pause is on (neither counts as training time)."""
+        here while its pause is on (neither counts as training time). Under torchrun the other ranks wait here for
+        rank 0, so that its frames and pauses do not count as their training time either."""
         while self.viewer is not None:
             self.viewer.update(self.state.step, self.rays_per_s, self.state.train_seconds)
             self.viewer.poll(self.state.step)
             if not self.viewer.paused or stopping():
-                return
+                break
             time.sleep(0.05)
+        if self.cfg["VIEWER"] and self.world > 1:
+            dist.barrier()
 
     def close_viewer(self):
         """Stop the viewer's server (once); the finished run is for view.py."""
@@ -823,6 +830,8 @@ def fit(cfg, rank, world, device):
             trainer.announce()
             while not trainer.done() and stop.signum is None:
                 trainer.watch(lambda: stop.signum is not None)
+                if stop.signum is not None:  # stopped while paused: no further step
+                    break
                 t0 = time.perf_counter()
                 lr = trainer.scheduled_learning_rate()
                 trainer.set_learning_rate(lr)

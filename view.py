@@ -50,6 +50,21 @@ def check_port(host, port):
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
 
 
+def check_settings(host, port, max_res, frame_s):
+    """Stop with one line on a viewer setting out of range or a port that cannot be listened on; warn (one line)
+    when host is not this machine only."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port={port}: pick 0 to 65535 (0: any free port)")
+    if not (64 <= max_res <= 2048 and 0.2 <= frame_s <= 60):
+        raise UserError(f"a sharp frame of {max_res} px and {frame_s} s: pick 64 to 2048 px (--max_res, "
+                        f"VIEWER_RES) and 0.2 to 60 s (--frame_s, VIEWER_FRAME_S)")
+    if not is_loopback(host):
+        print(f"warning: the viewer listens on {host}: anyone who can reach this machine on port {port} sees it "
+              f"(it has no password); the default 127.0.0.1 with ssh -L is safer", file=sys.stderr)
+    if port:
+        check_port(host, port)
+
+
 def camera_pose(wxyz, position):
     """A viser camera (quaternion wxyz, position; OpenCV axes) as a camera-to-world matrix in OpenGL axes (4, 4)."""
     import viser.transforms as vt
@@ -111,9 +126,12 @@ class ClientView:
     def __init__(self, client):
         self.client, self.version, self.moved = client, 0, 0.0
         self.camera = None  # (wxyz, position, fov, aspect)
-        self.shown_version, self.sharp, self.shown_step = -1, False, None
+        self.shown_version, self.shown_settings, self.sharp, self.shown_step = -1, -1, False, None
 
     def moved_to(self, camera):
+        """The browser's camera (wxyz, position, fov, aspect) changed; one without a finite size is ignored."""
+        if not (camera[3] > 0 and math.isfinite(camera[3]) and 0 < camera[2] < math.pi):
+            return
         self.camera, self.moved = camera, time.monotonic()
         self.version += 1
 
@@ -121,40 +139,46 @@ class ClientView:
 class Viewer:
     """A viser server that renders a field for every browser connected. Frames are rendered by whoever calls
     poll(): view.py's loop, or the training loop between steps (so a frame never runs beside a training step and
-    training takes the same steps with the viewer as without). render(camera, stop) is field_renderer's."""
+    training takes the same steps with the viewer as without). render(camera, stop) is field_renderer's. Callers
+    check the settings first (check_settings), before the slow work of loading a run."""
 
     def __init__(self, render, frame, cameras=None, images=None, host="127.0.0.1", port=8080, max_res=400,
                  frame_s=2.0, training=False, title="nerf-experiments"):
         import viser
 
-        if not is_loopback(host):
-            print(f"warning: the viewer listens on {host}: anyone who can reach this machine on port {port} sees it "
-                  f"(it has no password); the default 127.0.0.1 with ssh -L is safer", file=sys.stderr)
-        if not (64 <= max_res <= 2048 and 0.2 <= frame_s <= 60):
-            raise UserError(f"a sharp frame of {max_res} px and {frame_s} s: pick 64 to 2048 px (--max_res, "
-                            f"VIEWER_RES) and 0.2 to 60 s (--frame_s, VIEWER_FRAME_S)")
-        if port:
-            check_port(host, port)
         self.render, self.frame, self.views = render, frame, {}
         self.pixels_per_s = 20000.0  # until measured: the preview's size follows it
         self.paused, self.sharp_frames, self.next_refresh, self.next_status = False, 0, 0.0, 0.0
+        self.settings = 0  # counts changes of how frames are drawn (what to show, sizes): each redraws every view
         self.server = viser.ViserServer(host=host, port=port, label=title, verbose=False)
-        if port and self.server.get_port() != port:  # taken between the check and the bind
+        try:
+            if port and self.server.get_port() != port:  # taken between the check and the bind
+                raise UserError(f"cannot listen on {host}:{port} (in use); pick another --port")
+            self.seal()
+            self.up = scene_up(cameras, frame)
+            self.server.scene.set_up_direction(tuple(self.up))
+            self.add_controls(max_res, frame_s, training)
+            if cameras is not None and len(cameras):
+                self.add_cameras(cameras, images)
+                self.start_at(cameras[0])
+        except BaseException:
             self.server.stop()
-            raise UserError(f"cannot listen on {host}:{port} (in use); pick another --port")
-        self.server.gui.configure_theme(show_share_button=False, dark_mode=True)  # sharing calls an outside server
-        self.up = scene_up(cameras, frame)
-        self.server.scene.set_up_direction(tuple(self.up))
-        self.add_controls(max_res, frame_s, training)
-        if cameras is not None and len(cameras):
-            self.add_cameras(cameras, images)
-            self.start_at(cameras[0])
+            raise
+        # async: viser runs these on its event loop in order (before the first camera message is handed out), not on
+        # a thread pool where a camera update could overtake the connect or another update
         self.server.on_client_connect(self.connect)
-        self.server.on_client_disconnect(lambda client: self.views.pop(client.client_id, None))
+        self.server.on_client_disconnect(self.disconnect)
 
     @property
     def port(self):
+        """The port the server listens on (the one asked for, or the free one chosen for 0)."""
         return self.server.get_port()
+
+    def seal(self):
+        """No way out of this machine: the share button hidden, and the share request it sends (which opens a tunnel
+        through viser's outside server; any page can send it) answered with nothing."""
+        self.server.gui.configure_theme(show_share_button=False, dark_mode=True)
+        self.server.request_share_url = lambda *args, **kwargs: None
 
     def add_controls(self, max_res, frame_s, training):
         """The panel: what to show, the sharp frame's size and time, errors; in training the run's progress and a
@@ -174,6 +198,7 @@ class Viewer:
             self.pause.on_click(lambda _: self.toggle_pause())
 
     def toggle_pause(self):
+        """The pause button: training holds between steps until it is pressed again."""
         self.paused, self.next_status = not self.paused, 0.0
         self.pause.label = "resume training" if self.paused else "pause training"
 
@@ -203,30 +228,39 @@ class Viewer:
             frustum.visible = visible
 
     def start_at(self, camera):
-        """Browsers start behind a training camera (half as far again from what it looks at: the centre of the scene
-        in front of it, or the focus in NDC), looking the same way, with the scene's up as up: the cameras beside it
-        are in view, not in the way."""
+        """Browsers start behind a training camera, looking the same way at what it looks at (the centre of the
+        scene in front of it, or the focus in NDC), with the scene's up as up, and see it as from half as far again:
+        the cameras beside it are in view, not in the way. In the cube, rays are sampled from near to far of the
+        camera, so it moves back no further than (near + far) / 2 from that centre and widens its view instead."""
         c2w = camera.poses[0].double().cpu()
         position, forward = c2w[:3, 3], -c2w[:3, 2]
         depth = self.frame.focus if self.frame.space == "ndc" else max(-(position @ forward).item(), 0.1)
+        back = 0.5 * depth
+        if self.frame.space == "cube":
+            back = max(0.0, min(back, (self.frame.near + self.frame.far) / 2 - depth))
         initial = self.server.initial_camera
-        initial.position = (position - 0.5 * depth * forward).numpy()
+        initial.position = (position - back * forward).numpy()
         initial.look_at = (position + depth * forward).numpy()
         initial.up = self.up
-        H = camera.hw()[0]
-        initial.fov = 2 * math.atan(H / 2 / camera.intrinsics[0, 1].item())
+        half_height = camera.hw()[0] / 2 / camera.intrinsics[0, 1].item() * 1.5 * depth / (depth + back)
+        initial.fov = min(2 * math.atan(half_height), math.radians(120))
 
-    def connect(self, client):
+    async def connect(self, client):
+        """A browser connected (its first camera is known): follow its camera."""
         view = self.views[client.client_id] = ClientView(client)
 
-        @client.camera.on_update
-        def _(cam):
+        async def moved(cam):
             view.moved_to((cam.wxyz.copy(), cam.position.copy(), cam.fov, cam.aspect))
+        client.camera.on_update(moved)
+        await moved(client.camera)
+
+    async def disconnect(self, client):
+        """A browser left: nothing more to draw for it."""
+        self.views.pop(client.client_id, None)
 
     def rerender(self):
         """Render every browser's view anew (the setting it is drawn with changed)."""
-        for view in list(self.views.values()):
-            view.shown_version = -1
+        self.settings += 1
 
     def update(self, step, rays_per_s, train_seconds):
         """Training: the run's progress in the panel (twice a second at most: each change is a message)."""
@@ -243,7 +277,7 @@ class Viewer:
             if view.camera is None:
                 continue
             now = time.monotonic()
-            if view.version != view.shown_version:
+            if (view.version, self.settings) != (view.shown_version, view.shown_settings):
                 self.draw(view, sharp=False)
             elif not view.sharp and now - view.moved >= SETTLE_SECONDS:
                 self.draw(view, sharp=True)
@@ -257,13 +291,20 @@ class Viewer:
         budget = self.pixels_per_s * self.frame_s.value
         return (H, W) if H * W <= budget else frame_size(aspect, pixels=budget)
 
+    def preview_size(self, aspect):
+        """(H, W) of a frame while the camera moves: what the measured speed renders in PREVIEW_SECONDS, at most a
+        quarter of the sharp frame."""
+        H, W = frame_size(aspect, longest=int(self.max_res.value))
+        return frame_size(aspect, pixels=min(self.pixels_per_s * PREVIEW_SECONDS, H * W / 4))
+
     def draw(self, view, sharp, step=None):
         """Render view's camera (sharp: at the set size; else small) and send it; a camera that moves meanwhile
-        abandons a sharp frame; an error goes to the panel and the log, and the server stays up."""
-        version, (wxyz, position, fov, aspect) = view.version, view.camera
-        hw = self.sharp_size(aspect) if sharp else frame_size(aspect, pixels=self.pixels_per_s * PREVIEW_SECONDS)
+        abandons a sharp frame; an error goes to the panel and the log (once: not again until the camera moves or, in
+        training, until the next refresh), and the server stays up."""
+        version, settings, (wxyz, position, fov, aspect) = view.version, self.settings, view.camera
         t0 = time.perf_counter()
         try:
+            hw = self.sharp_size(aspect) if sharp else self.preview_size(aspect)
             out = self.render(viewer_camera(wxyz, position, fov, hw), (lambda: view.version != version) if sharp
                               else None)
             if out is None:
@@ -274,16 +315,20 @@ class Viewer:
         except Exception as e:  # noqa: BLE001 - the viewer outlives a bad frame
             traceback.print_exc()
             self.error.content = f"render failed: {type(e).__name__}: {e}"
-            view.shown_version, view.sharp = version, True
+            view.shown_version, view.shown_settings, view.sharp, view.shown_step = version, settings, True, step
+            self.next_refresh = time.monotonic() + 10.0
             return
         seconds = time.perf_counter() - t0
+        if self.error.content:
+            self.error.content = ""
         self.pixels_per_s = hw[0] * hw[1] / max(seconds, 1e-3)
-        view.shown_version, view.sharp, view.shown_step = version, sharp, step
+        view.shown_version, view.shown_settings, view.sharp, view.shown_step = version, settings, sharp, step
         self.sharp_frames += sharp
-        if step is not None:
-            self.next_refresh = time.monotonic() + seconds / WATCH_SHARE
+        if step is not None:  # so that fresh frames take WATCH_SHARE of the wall clock
+            self.next_refresh = time.monotonic() + seconds * (1 / WATCH_SHARE - 1)
 
     def close(self):
+        """Stop the server."""
         self.server.stop()
 
 
@@ -295,6 +340,7 @@ def open_viewer(path, host="127.0.0.1", port=8080, max_res=400, frame_s=2.0, dev
     from train import autocast_context, resolve_device
     from utils import checkpoint_path, load_checkpoint
 
+    check_settings(host, port, max_res, frame_s)
     path = checkpoint_path(path)
     ckpt = load_checkpoint(path)
     device = resolve_device(device)
@@ -334,6 +380,8 @@ def main(argv=None):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # while loading: nothing to stop yet
+        sys.exit(130)
     print(f"viewer of {args.ckpt} at http://{args.host}:{viewer.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     try:
         while True:

@@ -1,5 +1,5 @@
-"""Headless Chromium driven over the DevTools protocol: open a page, read it, take screenshots (the viewer's tests,
-and media/viewer.png: docs/viewer.md). Chromium is the Debian package `chromium` (.ci/run installs it)."""
+"""Headless Chromium driven over the DevTools protocol: open a page, take screenshots (the viewer's tests, and
+media/viewer.png: docs/viewer.md). Chromium is the Debian package `chromium` (.ci/run installs it)."""
 import base64
 import io
 import json
@@ -68,11 +68,8 @@ class Browser:
                 return message["result"]
 
     def open(self, url):
+        """Load url in the page."""
         self.call("Page.navigate", url=url)
-
-    def evaluate(self, expression):
-        """The value of a JavaScript expression in the page."""
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def screenshot(self):
         """The page as an (H, W, 3) uint8 array."""
@@ -80,6 +77,7 @@ class Browser:
         return np.asarray(imageio.imread(io.BytesIO(data)))[..., :3]
 
     def close(self):
+        """Quit Chromium and remove its profile."""
         if self.ws is not None:
             self.ws.close()
         self.proc.terminate()

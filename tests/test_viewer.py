@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,60 +45,81 @@ def loaded(run_dir):
     return cfg, scene.splits["train"], scene, model, grid
 
 
+def as_viser_reports(c2w):
+    """A camera-to-world pose (OpenGL axes) as a browser's viser camera reports it: the quaternion of the rotation
+    whose columns are the camera's right, down and forward (viser's OpenCV convention), and its position."""
+    import viser.transforms as vt
+
+    right, up, back = (c2w[:3, i].double().numpy() for i in range(3))
+    return vt.SO3.from_matrix(np.stack([right, -up, -back], 1)).wxyz, c2w[:3, 3].double().numpy()
+
+
 def test_a_training_camera_seen_through_the_viewer_renders_as_eval_renders_it(hash_run):
+    """Two training views, one cropped to 40x64 (not square: the vertical field of view and the aspect are told
+    apart), as a browser at that camera reports it: the viewer's render equals eval's."""
     cfg, views, scene, model, grid = loaded(hash_run)
     render = view.field_renderer(model, scene, cfg, grid, torch.autocast("cpu", enabled=False))
-    for k in (0, 5):
-        c2w = views.cameras.poses[k]
-        wxyz, position = view.viser_pose(c2w)  # what a browser at this camera reports
+    wide = replace(views.cameras[3], sizes=torch.tensor([[40, 64]]), intrinsics=views.cameras.intrinsics[3:4] *
+                   torch.tensor([1.0, 1.0, 64 / 48, 40 / 48]))
+    for camera in (views.cameras[0], wide):
+        c2w = camera.poses[0]
+        wxyz, position = as_viser_reports(c2w)
         torch.testing.assert_close(view.camera_pose(wxyz, position), c2w, rtol=0, atol=1e-6)
-        H, W = views.cameras.hw(k)
-        fov = 2 * math.atan(H / 2 / views.cameras.intrinsics[k, 1].item())
+        H, W = camera.hw()
+        fov = 2 * math.atan(H / 2 / camera.intrinsics[0, 1].item())
         seen = render(view.viewer_camera(wxyz, position, fov, view.frame_size(W / H, longest=max(H, W))))
         model.eval()
         with torch.no_grad():
-            evaluated = render_view(model, views.cameras[k], scene, cfg, grid, torch.autocast("cpu", enabled=False))
+            evaluated = render_view(model, camera, scene, cfg, grid, torch.autocast("cpu", enabled=False))
         torch.testing.assert_close(seen[0], evaluated[0], rtol=0, atol=1e-5)  # the pixels
         for a, b in zip(seen[1:], evaluated[1:], strict=True):  # depth and opacity: a pose through a quaternion in
             torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # float64 moves rays by ~1e-7, an edge's depth by 1e-5
         assert evaluated[0].std() > 0.05  # a scene, not a blank
 
 
+def listening_addresses(port):
+    """The local addresses of the TCP sockets listening on port (Linux's /proc/net/tcp; IPv6 ones as hex)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                (address, hex_port), state = line.split()[1].split(":"), line.split()[3]
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: listening
+                    found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]) if len(address) == 8 else address)
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/net/tcp")
 def test_view_py_listens_on_loopback_serves_its_page_and_stops_cleanly(hash_run):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "view.py", hash_run, f"--port={port}"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
-                    assert page.status == 200 and b"<html" in page.read().lower()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
-                time.sleep(0.3)
-        outside = [a for a in {i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
-                   if not a.startswith("127.")]
-        for address in outside:  # this machine's other addresses: nobody listens there
-            with pytest.raises(OSError), socket.create_connection((address, port), timeout=2):
-                pass
+        lines = iter(proc.stderr.readline, "")
+        assert any("viewer of" in line for line in lines), proc.wait(timeout=60)  # serving
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        assert listening_addresses(port) == {"127.0.0.1"}
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
 
 
-def test_a_bad_checkpoint_or_a_busy_port_is_one_line_and_exit_2(hash_run, tmp_path):
+def test_a_bad_checkpoint_port_or_size_is_one_line_and_exit_2(hash_run, tmp_path):
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
     one_line_error(run_cli("view.py", str(bad)), "not a readable checkpoint")
+    one_line_error(run_cli("view.py", hash_run, "--port=70000"), "pick 0 to 65535")
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
         res = run_cli("view.py", hash_run, "--host=0.0.0.0", f"--port={taken.getsockname()[1]}")
     one_line_error(res, "cannot listen on 0.0.0.0")
     assert "warning: the viewer listens on 0.0.0.0" in res.stderr  # not loopback: said before anything else
+    one_line_error(run_cli("exp1.py", "--data=synthetic", "--viewer=true", "--viewer_res=4000",
+                           f"--out_dir={tmp_path / 'run'}"), "pick 64 to 2048 px")
+    assert not (tmp_path / "run").exists()  # said before anything was written
 
 
 def canvas_matches(shot, expected):
@@ -113,73 +135,122 @@ def canvas_matches(shot, expected):
     return float(np.abs(a - b).mean()), float(np.abs(b - b.mean()).mean())
 
 
+def serve(viewer, until):
+    """Poll the viewer in a daemon thread until the event `until` is set; the thread."""
+    def loop():
+        while not until.is_set():
+            viewer.poll()
+            time.sleep(0.01)
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
 @pytest.mark.skipif(chromium() is None, reason="chromium not installed (.ci/run installs it)")
 def test_a_browser_shows_the_scene_the_viewer_renders(hash_run):
-    viewer = view.open_viewer(hash_run, port=0, max_res=240)
+    viewer, browser = view.open_viewer(hash_run, port=0, max_res=240), None
     viewer.show_cameras(False)  # the frustums would be drawn over the picture compared
     done = threading.Event()
-    thread = threading.Thread(target=lambda: [(viewer.poll(), time.sleep(0.01)) for _ in iter(done.is_set, True)])
-    thread.start()
-    browser = Browser(width=800, height=600)
+    thread = serve(viewer, done)
     try:
+        browser = Browser(width=800, height=600)
         browser.open(f"http://127.0.0.1:{viewer.port}/")
-        deadline, result = time.monotonic() + 90, None
-        while time.monotonic() < deadline:  # the first sharp frame, then until the page shows it
-            client = next(iter(viewer.views.values()), None)
-            if viewer.sharp_frames and client is not None and client.sharp:
-                wxyz, position, fov, aspect = client.camera
-                expected = viewer.render(view.viewer_camera(wxyz, position, fov, viewer.sharp_size(aspect)))
-                result = canvas_matches(browser.screenshot(), expected[0].numpy())
-                if result[0] < 0.35 * result[1]:
-                    break
-            time.sleep(0.5)
-        assert result is not None and result[0] < 0.35 * result[1], result
-    finally:
-        browser.close()
-        done.set()
+        deadline = time.monotonic() + 90
+        while not (viewer.sharp_frames and all(v.sharp for v in viewer.views.values())):  # the first sharp frame
+            assert time.monotonic() < deadline, "no sharp frame was sent"
+            time.sleep(0.2)
+        done.set()  # no more frames: the picture stays, and rendering it here does not race the viewer's loop
         thread.join()
+        wxyz, position, fov, aspect = next(iter(viewer.views.values())).camera
+        expected = viewer.render(view.viewer_camera(wxyz, position, fov, viewer.sharp_size(aspect)))[0].numpy()
+        while True:  # until the page has drawn it
+            result = canvas_matches(browser.screenshot(), expected)
+            if result[0] < 0.35 * result[1] or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert result[0] < 0.35 * result[1], result
+    finally:
+        if browser is not None:
+            browser.close()
+        done.set()
         viewer.close()
 
 
-def test_training_with_the_viewer_on_and_a_browser_watching_takes_the_same_steps(tmp_path, monkeypatch):
-    frames = []
-    poll = view.Viewer.poll
+class FakeClient:
+    """A browser's handle as the viewer uses it: the frames it was sent."""
 
-    def watched(self, step=None):  # a browser at a training camera: a frame of the changing model between steps
+    def __init__(self):
+        self.frames = []
+        self.scene = self
+
+    def set_background_image(self, image, **kwargs):
+        self.frames.append(image)
+
+
+def watching():
+    """A Viewer.__init__ that also connects a browser at the first training camera, which moves a little before
+    every poll (so that every step draws a frame, as a browser in use causes); the browser's handle."""
+    client, init, poll = FakeClient(), view.Viewer.__init__, view.Viewer.poll
+
+    def opened(self, render, frame, cameras, *args, **kwargs):
+        init(self, render, frame, cameras, *args, **kwargs)
+        self.views[0], self.seen = view.ClientView(client), as_viser_reports(cameras.poses[0])
+
+    def moved(self, step=None):
+        wxyz, position = self.seen
+        self.views[0].moved_to((wxyz, position + 1e-3 * len(client.frames), 0.7, 1.0))
         poll(self, step)
-        wxyz, position = view.viser_pose(self.cameras_seen.poses[0])
-        frames.append(self.render(view.viewer_camera(wxyz, position, 0.7, (24, 24)))[0])
+    return client, opened, moved
 
-    def opened(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.cameras_seen = args[2]
 
-    init = view.Viewer.__init__
-    monkeypatch.setattr(view.Viewer, "poll", watched)
+def test_training_with_the_viewer_on_and_a_browser_watching_takes_the_same_steps(tmp_path, monkeypatch):
+    client, opened, moved = watching()
     monkeypatch.setattr(view.Viewer, "__init__", opened)
+    monkeypatch.setattr(view.Viewer, "poll", moved)
     runs = {}
     for on in (False, True):
         cfg = {**small(tmp_path / str(on)), "MAX_STEPS": 12, "VIEWER": on, "VIEWER_PORT": 0}
         train.train(cfg)
-        runs[on] = torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)["model"]
-    assert len(frames) == 12 and not torch.equal(frames[0], frames[-1])  # it watched the model change
-    for k in runs[False]:
-        assert torch.equal(runs[False][k], runs[True][k]), k
+        runs[on] = torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)
+    assert len(client.frames) == 12 and not np.array_equal(client.frames[0], client.frames[-1])  # it watched
+    for part in ("model", "grid"):
+        for k in runs[False][part]:
+            assert torch.equal(runs[False][part][k], runs[True][part][k]), (part, k)
+    assert runs[False]["optimizer"]["state"][0]["exp_avg"].equal(runs[True]["optimizer"]["state"][0]["exp_avg"])
 
 
-def test_an_error_while_rendering_is_shown_in_the_panel_and_the_server_stays_up(capsys):
+def test_a_paused_run_holds_between_steps_and_ctrl_c_stops_it_there(tmp_path, monkeypatch):
+    polls = []
+    poll = view.Viewer.poll
+
+    def paused_at_5(self, step=None):  # the pause button pressed at step 5; Ctrl-C after 20 polls in the pause
+        poll(self, step)
+        polls.append(step)
+        self.paused = step >= 5
+        if len(polls) == 25:
+            os.kill(os.getpid(), signal.SIGINT)
+    monkeypatch.setattr(view.Viewer, "poll", paused_at_5)
+    cfg = {**small(tmp_path / "run"), "MAX_STEPS": 12, "VIEWER": True, "VIEWER_PORT": 0}
+    with pytest.raises(train.Interrupted):
+        train.train(cfg)
+    assert polls[:6] == [0, 1, 2, 3, 4, 5] and set(polls[5:]) == {5}  # held at step 5 (pauses stop the clock too)
+    assert torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)["step"] == 5  # no step after
+
+
+def test_an_error_while_rendering_is_shown_once_and_the_server_stays_up(capsys):
     def broken(camera, stop=None):
         raise RuntimeError("out of memory, say")
 
     viewer = view.Viewer(broken, Frame(), port=0)
     try:
-        watching = viewer.views[0] = view.ClientView(client=None)  # a browser that moved its camera
-        watching.moved_to((np.array([1.0, 0, 0, 0]), np.array([0.0, 0, 4]), 0.7, 1.0))
-        viewer.poll()
+        assert viewer.server.request_share_url() is None  # no tunnel through viser's outside server
+        watching_view = viewer.views[0] = view.ClientView(client=FakeClient())  # a browser that moved its camera
+        watching_view.moved_to((np.array([1.0, 0, 0, 0]), np.array([0.0, 0, 4]), 0.7, 1.0))
+        viewer.poll(step=3)
         assert "render failed: RuntimeError: out of memory, say" in viewer.error.content
         assert "Traceback" in capsys.readouterr().err  # and in the log
-        viewer.poll()
-        assert "Traceback" not in capsys.readouterr().err  # not retried until the camera moves again
+        viewer.poll(step=4)  # training goes on: not retried at every step
+        assert "Traceback" not in capsys.readouterr().err
         with urllib.request.urlopen(f"http://127.0.0.1:{viewer.port}/", timeout=10) as page:
             assert page.status == 200
     finally:

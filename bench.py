@@ -18,6 +18,12 @@ Several scenes (--scenes, quality mode): each experiment on each scene (a data p
 the field's table: PSNR and SSIM per scene and their mean (a BitNeRF run's export with its size on its own row).
     python bench.py --quality --exps=exp7 --scenes=.../chair_tiny.npz,.../hotdog_tiny.npz,.../nerf_llff_data/fern@8
 Each experiment runs in its own process so that its peak memory is its own.
+Where a training step goes (--profile): per experiment, the median step (without and then under torch.profiler,
+--steps each) split into the hash table's lookup forward (gather) and backward (scatter), the MLP's matrix
+products, AdamW and the rest (sampling, hashing, compositing, elementwise); the occupancy grid's update, one in
+GRID_EVERY steps, timed apart; and beside this machine's memory bandwidth (STREAM's copy and triad in torch),
+the bandwidth the lookup and AdamW reach on the bytes they must move.
+    python bench.py --profile --exps=exp7 --data=.../nerf_synthetic/lego --recipe=cpu800 [--steps=20] [--warm_steps=200]
 The all-reduce's share of a DDP step (--ddp, under torchrun): per experiment, the median forward + backward of
 the model through DDP on each rank's share of a step's points (as before and after the grid culls), with the
 gradient all-reduce and without it (no_sync), and the all-reduce of the gradient alone.
@@ -185,6 +191,77 @@ def inference_samples_per_s(model, cfg, device, reps=5):
     return len(pts) / warm_median(times, 1)
 
 
+# --profile: the parts of a step, by the profiler's names (scopes: their total time; aten ops: their own time)
+PROFILE_PARTS = {"hash lookup": ("HashLookup",), "hash lookup backward": ("HashLookupBackward",),
+                 "MLP products": ("aten::addmm", "aten::mm"), "AdamW": ("Optimizer.step#AdamW.step",)}
+
+
+def stream_gb_per_s(n=1 << 26, reps=7):
+    """This machine's memory bandwidth in GB/s (medians): STREAM's copy (a = b) and triad (a = b + 3 c) on n float32
+    values, far beyond the caches."""
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+
+    def rate(op, nbytes):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            op()
+            times.append(time.perf_counter() - t0)
+        return round(nbytes / statistics.median(times) / 1e9, 1)
+    return {"copy": rate(lambda: a.copy_(b), 8 * n), "triad": rate(lambda: torch.add(b, c, alpha=3.0, out=a), 12 * n)}
+
+
+def timed_steps(step, steps):
+    """The median seconds of `steps` calls of step()."""
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def profile_row(cfg, device, steps, warm_steps):
+    """--profile's measurements of one experiment (see the module's docstring) after warm_steps of training (with
+    the grid's updates, so that it culls as in a run), as a dict of columns."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import train
+
+    trainer = train.Trainer(cfg, 0, 1, device)
+    trainer.set_learning_rate(cfg["LR"])
+    for _ in range(warm_steps):
+        trainer.update_grid()
+        trainer.train_step()
+    counts = count_mlp_points()
+    step_s = timed_steps(trainer.train_step, steps)
+    points = (counts["grad"] + counts["no_grad"]) / steps
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        timed_steps(trainer.train_step, steps)
+    events = {e.key: e for e in prof.key_averages()}
+    profiled = sum(e.self_cpu_time_total for e in events.values())
+    row = {"step ms": round(1e3 * step_s, 1), "points/step": round(points)}
+    for part, names in PROFILE_PARTS.items():
+        us = sum(events[n].self_cpu_time_total if n.startswith("aten::") else events[n].cpu_time_total
+                 for n in names if n in events)
+        row[f"{part} %"] = round(100 * us / profiled, 1)
+    row["rest %"] = round(100 - sum(row[f"{p} %"] for p in PROFILE_PARTS), 1)
+    if trainer.grid is not None:
+        grid_s = timed_steps(lambda: trainer.grid.update(trainer.fast, 0.25, generator=trainer.generator), 3)
+        row["grid update ms/step"] = round(1e3 * grid_s / train.GRID_EVERY, 1)
+    table = [p for n, p in trainer.model.named_parameters() if n.endswith("encoding.table")]
+    if table:  # bytes that must move: per corner and level a row index, a weight and the features; AdamW reads
+        enc = trainer.model.encoding  # parameter, gradient and both moments and writes three of them back
+        per_point = 8 * len(enc.resolutions) * (8 + 4 + 4 * enc.features)
+        lookup_s = step_s * row["hash lookup %"] / 100
+        adamw_s = step_s * row["AdamW %"] / 100
+        row["lookup GB/s"] = round(points * per_point / max(lookup_s, 1e-9) / 1e9, 1)
+        row["AdamW GB/s"] = round(7 * 4 * sum(p.numel() for p in trainer.model.parameters()) / max(adamw_s, 1e-9)
+                                  / 1e9, 1)
+        row["table MB"] = round(4 * table[0].numel() / 1e6, 1)
+    return row
+
+
 def bench_config(exp, args, overrides):
     """The experiment's preset with the overrides and the benchmark's own settings applied."""
     preset = configs.apply_overrides(getattr(configs, exp.upper()), overrides)
@@ -203,7 +280,10 @@ def run_child(args, overrides):
     device = train.resolve_device(cfg["DEVICE"])
     row = {"exp": args.child, "dtype": cfg["DTYPE"], "compile": cfg["COMPILE"], "batch": cfg["BATCH_SIZE"],
            "samples_per_ray": cfg["NUM_SAMPLES"] + cfg["NUM_FINE"], "device": str(device)}
-    if args.quality:
+    if args.profile:
+        cfg.update(MAX_STEPS=10 ** 9, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
+        row.update(profile_row(cfg, device, args.steps, args.warm_steps))
+    elif args.quality:
         marks = quality_marks(device, args.budget_s)
         cfg.update(TIME_BUDGET_S=float(args.budget_s), MAX_STEPS=10 ** 9, EVAL_EVERY=0,
                    EVAL_AT_S=",".join(map(str, marks)))
@@ -310,8 +390,10 @@ def run_children(args, overrides, scene, exp, comp):
     """Measure one experiment (one compile setting) on one scene in a child process; its row, or none if it failed."""
     name, data, downscale = scene
     cmd = [sys.executable, __file__, f"--child={exp}", f"--compile={comp}", f"--data={data}", f"--steps={args.steps}",
+           f"--warm_steps={args.warm_steps}",
            f"--budget_s={args.budget_s}", *([f"--downscale={downscale}"] if downscale else []), *overrides]
-    out = subprocess.run(cmd + (["--quality"] if args.quality else []), capture_output=True, text=True)
+    mode = ["--quality"] if args.quality else ["--profile"] if args.profile else []
+    out = subprocess.run(cmd + mode, capture_output=True, text=True)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")]
     if out.returncode or not line:
         print(f"{exp} (compile {comp}{f', {name}' if name else ''}) failed:\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -390,6 +472,9 @@ def main():
     p.add_argument("--scenes", default=None, help="quality mode: comma-separated data paths (PATH@K: downscale K) to "
                    "run each experiment on, and a table of PSNR/SSIM per scene and their mean")
     p.add_argument("--ddp", action="store_true", help="under torchrun: the all-reduce's share of a DDP step")
+    p.add_argument("--profile", action="store_true", help="where a training step goes, and the memory bandwidth")
+    p.add_argument("--warm_steps", type=int, default=200, help="profile mode: steps trained first (grid updates "
+                   "included), so that the grid culls as in a run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
     if args.child:
@@ -418,16 +503,22 @@ def main():
             else f"{os.cpu_count()}-core CPU ({torch.backends.cpu.get_cpu_capability()})")
     data = args.scenes or os.path.basename(args.data)
     print(f"# {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, data {data}")
-    if not args.quality:
+    if args.profile:
+        print(f"memory bandwidth (STREAM in torch, GB/s): {stream_gb_per_s()}")
+    elif not args.quality:
         peaks = {dt: mm_peak_gflops(getattr(torch, dt), device) for dt in ("float32", "bfloat16")}
         print(f"torch.mm peak: fp32 {peaks['float32']:.0f} GFLOP/s, bf16 {peaks['bfloat16']:.0f} GFLOP/s")
     if args.compile == "both":
-        compiles = ("preset",) if args.quality else ("off", "on")
+        compiles = ("preset",) if args.quality or args.profile else ("off", "on")
     else:
         compiles = (args.compile,)
     rows = [row for scene in scenes for exp in args.exps.split(",") for comp in compiles
             for row in run_children(args, overrides, scene, exp, comp)]
-    if args.quality:
+    if args.profile:
+        print(markdown(rows, ["exp", "compile", "batch", "samples_per_ray", "step ms", "points/step",
+                              *[f"{p} %" for p in PROFILE_PARTS], "rest %", "grid update ms/step", "table MB",
+                              "lookup GB/s", "AdamW GB/s", "peak_mem_mb"]))
+    elif args.quality:
         marks = [f"psnr@{m:g}s" for m in quality_marks(device, args.budget_s)]
         print(markdown(rows, ["scene"] * bool(args.scenes) + ["exp", "resolution", "background", "dtype", "batch",
                                                                "samples_per_ray", *marks, "ssim", "steps",

@@ -21,8 +21,8 @@ from configs import EXP1, EXP4  # noqa: E402
 # pytest-xdist gives a worker the next test file, in collection order (--no-loadscope-reorder), once it is nearly
 # idle: the longest files first (pytest --durations=0 says which), so no worker is left with a long one at the end
 LONGEST_FIRST = ("test_ddp.py", "test_hash.py", "test_train.py", "test_bitnerf.py", "test_report.py",
-                 "test_captures.py", "test_resume.py", "test_multinode.py", "test_precision.py", "test_scale.py",
-                 "test_eval.py")
+                 "test_captures.py", "test_viewer.py", "test_resume.py", "test_multinode.py", "test_precision.py",
+                 "test_scale.py", "test_eval.py")
 
 
 def pytest_collection_modifyitems(items):

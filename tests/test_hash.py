@@ -183,3 +183,23 @@ def test_eval_scores_a_hash_run_as_training_did(tmp_path):
 def test_quick_report_trains_and_tabulates_the_hash_experiments(tmp_path):
     """exp7 and exp7-bitnerf (compiled, exported) through report.py --quick (test_report: the others)."""
     assert [r["experiment"] for r in check_quick_report(tmp_path, "hash")] == ["exp7", "exp7-bitnerf"]
+
+
+def test_bench_profile_splits_a_step_and_measures_the_memory_bandwidth(tmp_path, monkeypatch):
+    """bench.py --profile's measurements on exp7: the parts of a step add up to it, the lookup and AdamW are in it,
+    and the bandwidths are positive."""
+    import bench
+    import render
+
+    for owner, name in ((render, "query_points"), (render.OccupancyGrid, "update"), (train, "export_and_evaluate")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # restored afterwards: the profile counts through them
+
+    bandwidth = bench.stream_gb_per_s(n=1 << 22, reps=3)
+    assert bandwidth["copy"] > 0 and bandwidth["triad"] > 0
+    cfg = {**small(tmp_path / "run"), **{k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS", "USE_VIEWDIRS")},
+           "HASH_LOG2_SIZE": 12, "HASH_LEVELS": 6}
+    row = bench.profile_row(cfg, torch.device("cpu"), steps=3, warm_steps=2)
+    parts = [row[f"{p} %"] for p in bench.PROFILE_PARTS]
+    assert all(p > 0 for p in parts) and sum(parts) + row["rest %"] == pytest.approx(100, abs=0.2)
+    assert row["step ms"] > 0 and row["points/step"] > 0 and row["grid update ms/step"] > 0
+    assert row["lookup GB/s"] > 0 and row["AdamW GB/s"] > 0

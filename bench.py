@@ -18,12 +18,13 @@ Several scenes (--scenes, quality mode): each experiment on each scene (a data p
 the field's table: PSNR and SSIM per scene and their mean (a BitNeRF run's export with its size on its own row).
     python bench.py --quality --exps=exp7 --scenes=.../chair_tiny.npz,.../hotdog_tiny.npz,.../nerf_llff_data/fern@8
 Each experiment runs in its own process so that its peak memory is its own.
-Where a training step goes (--profile): per experiment, the median step (without and then under torch.profiler,
---steps each) split into the hash table's lookup forward (gather) and backward (scatter), the MLP's matrix
-products, AdamW and the rest (sampling, hashing, compositing, elementwise); the occupancy grid's update, one in
-GRID_EVERY steps, timed apart; and beside this machine's memory bandwidth (STREAM's copy and triad in torch),
-the bandwidth the lookup and AdamW reach on the bytes they must move.
-    python bench.py --profile --exps=exp7 --data=.../nerf_synthetic/lego --recipe=cpu800 [--steps=20] [--warm_steps=200]
+Where a training step goes (--profile, on a CPU): per experiment, the median step without the profiler, then the
+median step under torch.profiler (--steps each) and its milliseconds in the hash table's lookup forward (gather)
+and backward (scatter), the MLP's matrix products and AdamW; the rest is every other op (sampling, hashing,
+compositing, clipping), Python and the profiler's own cost. The occupancy grid's update, one in GRID_EVERY steps,
+is timed apart; beside this machine's memory bandwidth (STREAM's copy and triad in torch), the rates the lookup
+and AdamW reach on the bytes one pass must move.
+    python bench.py --profile --exps=exp7 --data=.../nerf_synthetic/lego --recipe=cpu800 [--steps=20] [--warm_steps=300]
 The all-reduce's share of a DDP step (--ddp, under torchrun): per experiment, the median forward + backward of
 the model through DDP on each rank's share of a step's points (as before and after the grid culls), with the
 gradient all-reduce and without it (no_sync), and the all-reduce of the gradient alone.
@@ -196,21 +197,6 @@ PROFILE_PARTS = {"hash lookup": ("HashLookup",), "hash lookup backward": ("HashL
                  "MLP products": ("aten::addmm", "aten::mm"), "AdamW": ("Optimizer.step#AdamW.step",)}
 
 
-def stream_gb_per_s(n=1 << 26, reps=7):
-    """This machine's memory bandwidth in GB/s (medians): STREAM's copy (a = b) and triad (a = b + 3 c) on n float32
-    values, far beyond the caches."""
-    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
-
-    def rate(op, nbytes):
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            op()
-            times.append(time.perf_counter() - t0)
-        return round(nbytes / statistics.median(times) / 1e9, 1)
-    return {"copy": rate(lambda: a.copy_(b), 8 * n), "triad": rate(lambda: torch.add(b, c, alpha=3.0, out=a), 12 * n)}
-
-
 def timed_steps(step, steps):
     """The median seconds of `steps` calls of step()."""
     times = []
@@ -219,6 +205,24 @@ def timed_steps(step, steps):
         step()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def stream_gb_per_s(n=1 << 26, reps=7):
+    """This machine's memory bandwidth in GB/s (medians): STREAM's copy (a = b) and triad (a = b + 3 c) on n float32
+    values, far beyond the caches."""
+    a, b, c = torch.empty(n), torch.rand(n), torch.rand(n)
+    return {"copy": round(8 * n / timed_steps(lambda: a.copy_(b), reps) / 1e9, 1),
+            "triad": round(12 * n / timed_steps(lambda: torch.add(b, c, alpha=3.0, out=a), reps) / 1e9, 1)}
+
+
+def part_ms(events, names, steps):
+    """Milliseconds per step the profiler found in the named events (a scope: its total; an aten op: its own time),
+    or None where none ran (a compiled model's fused code has no HashLookup)."""
+    found = [events[n] for n in names if n in events]
+    if not found:
+        return None
+    return round(sum(e.self_cpu_time_total if e.key.startswith("aten::") else e.cpu_time_total for e in found)
+                 / 1e3 / steps, 2)
 
 
 def profile_row(cfg, device, steps, warm_steps):
@@ -237,27 +241,25 @@ def profile_row(cfg, device, steps, warm_steps):
     step_s = timed_steps(trainer.train_step, steps)
     points = (counts["grad"] + counts["no_grad"]) / steps
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        timed_steps(trainer.train_step, steps)
+        profiled_ms = 1e3 * timed_steps(trainer.train_step, steps)
     events = {e.key: e for e in prof.key_averages()}
-    profiled = sum(e.self_cpu_time_total for e in events.values())
-    row = {"step ms": round(1e3 * step_s, 1), "points/step": round(points)}
+    row = {"step ms": round(1e3 * step_s, 1), "profiled step ms": round(profiled_ms, 1), "points/step": round(points)}
     for part, names in PROFILE_PARTS.items():
-        us = sum(events[n].self_cpu_time_total if n.startswith("aten::") else events[n].cpu_time_total
-                 for n in names if n in events)
-        row[f"{part} %"] = round(100 * us / profiled, 1)
-    row["rest %"] = round(100 - sum(row[f"{p} %"] for p in PROFILE_PARTS), 1)
+        row[f"{part} ms"] = part_ms(events, names, steps)
+    row["rest ms"] = round(profiled_ms - sum(row[f"{p} ms"] or 0 for p in PROFILE_PARTS), 1)
     if trainer.grid is not None:
-        grid_s = timed_steps(lambda: trainer.grid.update(trainer.fast, 0.25, generator=trainer.generator), 3)
+        fraction = 1.0 if trainer.state.step < train.GRID_FULL_UNTIL else 0.25  # as the loop's update at this step
+        grid_s = timed_steps(lambda: trainer.grid.update(trainer.fast, fraction, generator=trainer.generator), 3)
         row["grid update ms/step"] = round(1e3 * grid_s / train.GRID_EVERY, 1)
     table = [p for n, p in trainer.model.named_parameters() if n.endswith("encoding.table")]
-    if table:  # bytes that must move: per corner and level a row index, a weight and the features; AdamW reads
-        enc = trainer.model.encoding  # parameter, gradient and both moments and writes three of them back
-        per_point = 8 * len(enc.resolutions) * (8 + 4 + 4 * enc.features)
-        lookup_s = step_s * row["hash lookup %"] / 100
-        adamw_s = step_s * row["AdamW %"] / 100
-        row["lookup GB/s"] = round(points * per_point / max(lookup_s, 1e-9) / 1e9, 1)
-        row["AdamW GB/s"] = round(7 * 4 * sum(p.numel() for p in trainer.model.parameters()) / max(adamw_s, 1e-9)
-                                  / 1e9, 1)
+    if table and row["hash lookup ms"] and row["AdamW ms"]:
+        # rates on the bytes one pass must move (the implementations make more passes: docs/fullres.md): the lookup
+        # reads per corner and level a row index, a weight and the features; AdamW reads parameter, gradient and
+        # both moments and writes three of them back
+        enc = trainer.model.encoding
+        row["lookup GB/s"] = round(points * 8 * len(enc.resolutions) * (8 + 4 + 4 * enc.features)
+                                   / row["hash lookup ms"] / 1e6, 1)
+        row["AdamW GB/s"] = round(28 * sum(p.numel() for p in trainer.model.parameters()) / row["AdamW ms"] / 1e6, 1)
         row["table MB"] = round(4 * table[0].numel() / 1e6, 1)
     return row
 
@@ -473,7 +475,7 @@ def main():
                    "run each experiment on, and a table of PSNR/SSIM per scene and their mean")
     p.add_argument("--ddp", action="store_true", help="under torchrun: the all-reduce's share of a DDP step")
     p.add_argument("--profile", action="store_true", help="where a training step goes, and the memory bandwidth")
-    p.add_argument("--warm_steps", type=int, default=200, help="profile mode: steps trained first (grid updates "
+    p.add_argument("--warm_steps", type=int, default=300, help="profile mode: steps trained first (grid updates "
                    "included), so that the grid culls as in a run")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args, overrides = p.parse_known_args()
@@ -483,6 +485,10 @@ def main():
         scenes = parse_scenes(args.scenes) if args.scenes else [(None, args.data, None)]
     except configs.UserError as e:
         p.error(str(e))
+    if args.profile and (args.quality or args.ddp):
+        p.error("--profile is a mode of its own: drop --quality / --ddp")
+    if args.profile and torch.cuda.is_available() and "--device=cpu" not in overrides:
+        p.error("--profile splits a CPU step (the profiler's CPU activity); on a GPU machine add --device=cpu")
     if args.scenes and not args.quality:
         p.error("--scenes is for --quality (time to quality per scene); the speed mode takes one --data")
     for exp in args.exps.split(","):  # bad names and overrides stop here, before any child starts
@@ -515,9 +521,9 @@ def main():
     rows = [row for scene in scenes for exp in args.exps.split(",") for comp in compiles
             for row in run_children(args, overrides, scene, exp, comp)]
     if args.profile:
-        print(markdown(rows, ["exp", "compile", "batch", "samples_per_ray", "step ms", "points/step",
-                              *[f"{p} %" for p in PROFILE_PARTS], "rest %", "grid update ms/step", "table MB",
-                              "lookup GB/s", "AdamW GB/s", "peak_mem_mb"]))
+        print(markdown(rows, ["exp", "compile", "batch", "samples_per_ray", "step ms", "profiled step ms",
+                              "points/step", *[f"{p} ms" for p in PROFILE_PARTS], "rest ms", "grid update ms/step",
+                              "table MB", "lookup GB/s", "AdamW GB/s", "peak_mem_mb"]))
     elif args.quality:
         marks = [f"psnr@{m:g}s" for m in quality_marks(device, args.budget_s)]
         print(markdown(rows, ["scene"] * bool(args.scenes) + ["exp", "resolution", "background", "dtype", "batch",

@@ -615,7 +615,10 @@ class Trainer:
         loss = mse + reg if cfg["OPACITY_REG"] else mse
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        return mse, reg, torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["GRAD_CLIP"] or float("inf"))
+        if cfg["GRAD_CLIP"]:
+            return mse, reg, torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["GRAD_CLIP"])
+        # the norm alone: clipping at infinity would still multiply every gradient (a whole hash table's) by 1.0
+        return mse, reg, torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
 
     def done(self):
         """Whether training is over: MAX_STEPS reached, or the time budget spent."""

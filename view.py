@@ -150,6 +150,7 @@ class Viewer:
         self.pixels_per_s = 20000.0  # until measured: the preview's size follows it
         self.paused, self.sharp_frames, self.next_refresh, self.next_status = False, 0, 0.0, 0.0
         self.settings = 0  # counts changes of how frames are drawn (what to show, sizes): each redraws every view
+        self.frustums = []
         self.server = viser.ViserServer(host=host, port=port, label=title, verbose=False)
         try:
             if port and self.server.get_port() != port:  # taken between the check and the bind
@@ -207,7 +208,6 @@ class Viewer:
         keep = np.linspace(0, len(cameras) - 1, min(len(cameras), MAX_FRUSTUMS)).round().astype(int)
         positions = cameras.poses[:, :3, 3].double().cpu()
         extent = (positions - positions.mean(0)).norm(dim=-1).median().item()
-        self.frustums = []
         for k in keep.tolist():
             H, W = cameras.hw(k)
             wxyz, position = viser_pose(cameras.poses[k].cpu())
@@ -250,7 +250,8 @@ class Viewer:
         view = self.views[client.client_id] = ClientView(client)
 
         async def moved(cam):
-            view.moved_to((cam.wxyz.copy(), cam.position.copy(), cam.fov, cam.aspect))
+            if cam.image_height > 0:  # a canvas not yet laid out reports no size
+                view.moved_to((cam.wxyz.copy(), cam.position.copy(), cam.fov, cam.image_width / cam.image_height))
         client.camera.on_update(moved)
         await moved(client.camera)
 
@@ -294,7 +295,7 @@ class Viewer:
     def preview_size(self, aspect):
         """(H, W) of a frame while the camera moves: what the measured speed renders in PREVIEW_SECONDS, at most a
         quarter of the sharp frame."""
-        H, W = frame_size(aspect, longest=int(self.max_res.value))
+        H, W = self.sharp_size(aspect)
         return frame_size(aspect, pixels=min(self.pixels_per_s * PREVIEW_SECONDS, H * W / 4))
 
     def draw(self, view, sharp, step=None):

@@ -199,7 +199,7 @@ def test_bench_profile_splits_a_step_and_measures_the_memory_bandwidth(tmp_path,
     cfg = {**small(tmp_path / "run"), **{k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS", "USE_VIEWDIRS")},
            "HASH_LOG2_SIZE": 12, "HASH_LEVELS": 6}
     row = bench.profile_row(cfg, torch.device("cpu"), steps=3, warm_steps=2)
-    parts = [row[f"{p} %"] for p in bench.PROFILE_PARTS]
-    assert all(p > 0 for p in parts) and sum(parts) + row["rest %"] == pytest.approx(100, abs=0.2)
+    parts = [row[f"{p} ms"] for p in bench.PROFILE_PARTS]
+    assert all(p > 0 for p in parts) and row["rest ms"] > 0  # each part found, and together less than the step
     assert row["step ms"] > 0 and row["points/step"] > 0 and row["grid update ms/step"] > 0
     assert row["lookup GB/s"] > 0 and row["AdamW GB/s"] > 0

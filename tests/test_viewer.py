@@ -95,15 +95,21 @@ def test_view_py_listens_on_loopback_serves_its_page_and_stops_cleanly(hash_run)
     proc = subprocess.Popen([sys.executable, "view.py", hash_run, f"--port={port}"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        lines = iter(proc.stderr.readline, "")
-        assert any("viewer of" in line for line in lines), proc.wait(timeout=60)  # serving
+        said = []
+        reader = threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not any("viewer of" in line for line in said):  # serving
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(said)[-2000:]
+            time.sleep(0.1)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
         assert listening_addresses(port) == {"127.0.0.1"}
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+        proc.wait(timeout=30)
+        reader.join(timeout=10)
+    assert proc.returncode == 0 and "Traceback" not in "".join(said), "".join(said)[-2000:]
 
 
 def test_a_bad_checkpoint_port_or_size_is_one_line_and_exit_2(hash_run, tmp_path):
@@ -193,8 +199,10 @@ class FakeClient:
 
 def watching():
     """A Viewer.__init__ that also connects a browser at the first training camera, which moves a little before
-    every poll (so that every step draws a frame, as a browser in use causes); the browser's handle."""
+    every poll (so that every step draws a frame, as a browser in use causes); the browser's handle, whose
+    `fixed` list also gets a 24x24 render at that camera each time."""
     client, init, poll = FakeClient(), view.Viewer.__init__, view.Viewer.poll
+    client.fixed = []
 
     def opened(self, render, frame, cameras, *args, **kwargs):
         init(self, render, frame, cameras, *args, **kwargs)
@@ -204,6 +212,7 @@ def watching():
         wxyz, position = self.seen
         self.views[0].moved_to((wxyz, position + 1e-3 * len(client.frames), 0.7, 1.0))
         poll(self, step)
+        client.fixed.append(self.render(view.viewer_camera(wxyz, position, 0.7, (24, 24)))[0])
     return client, opened, moved
 
 
@@ -216,7 +225,7 @@ def test_training_with_the_viewer_on_and_a_browser_watching_takes_the_same_steps
         cfg = {**small(tmp_path / str(on)), "MAX_STEPS": 12, "VIEWER": on, "VIEWER_PORT": 0}
         train.train(cfg)
         runs[on] = torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)
-    assert len(client.frames) == 12 and not np.array_equal(client.frames[0], client.frames[-1])  # it watched
+    assert len(client.frames) == 12 and not torch.equal(client.fixed[0], client.fixed[-1])  # it watched it change
     for part in ("model", "grid"):
         for k in runs[False][part]:
             assert torch.equal(runs[False][part][k], runs[True][part][k]), (part, k)
@@ -230,14 +239,14 @@ def test_a_paused_run_holds_between_steps_and_ctrl_c_stops_it_there(tmp_path, mo
     def paused_at_5(self, step=None):  # the pause button pressed at step 5; Ctrl-C after 20 polls in the pause
         poll(self, step)
         polls.append(step)
-        self.paused = step >= 5
+        self.paused = 5 <= step and len(polls) < 200  # (released after 200 polls: a broken Ctrl-C fails, not hangs)
         if len(polls) == 25:
             os.kill(os.getpid(), signal.SIGINT)
     monkeypatch.setattr(view.Viewer, "poll", paused_at_5)
     cfg = {**small(tmp_path / "run"), "MAX_STEPS": 12, "VIEWER": True, "VIEWER_PORT": 0}
     with pytest.raises(train.Interrupted):
         train.train(cfg)
-    assert polls[:6] == [0, 1, 2, 3, 4, 5] and set(polls[5:]) == {5}  # held at step 5 (pauses stop the clock too)
+    assert polls[:6] == [0, 1, 2, 3, 4, 5] and set(polls[5:]) == {5} and len(polls) == 25  # held at step 5
     assert torch.load(os.path.join(cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)["step"] == 5  # no step after
 
 

@@ -74,19 +74,25 @@ def prepare_out(out):
         raise UserError(f"--out={out}: cannot create it ({e.strerror}); pass a writable folder") from None
 
 
+def load_run(arg, device_name):
+    """The checkpoint (or export) a command-line argument names: (path, checkpoint, runnable config, device, the
+    run's saved frame or None for a run from before frames were saved)."""
+    path = checkpoint_path(arg)
+    ckpt = load_checkpoint(path)
+    device = resolve_device(device_name)
+    cfg = runnable_config(ckpt["config"], device)
+    return path, ckpt, cfg, device, Frame.of(cfg["FRAME"]) if isinstance(cfg["FRAME"], dict) else None
+
+
 def run(args):
     """Load the checkpoint (or BitNeRF ternary export) and the split scored, render, and return the metrics dict."""
     keep_freed_memory()
-    path = checkpoint_path(args.ckpt)
-    ckpt = load_checkpoint(path)
-    device = resolve_device(args.device)
-    cfg = runnable_config(ckpt["config"], device)
+    # the run's frame: other views of its capture (their own poses_bounds.npy or transforms.json) land in it too
+    path, ckpt, cfg, device, frame = load_run(args.ckpt, args.device)
     prepare_out(args.out)
     exported = "format" in ckpt
     data = args.data or cfg["DATA"]
     split = default_split(args.data, data) if args.split == "auto" else args.split
-    # the run's frame: other views of its capture (their own poses_bounds.npy or transforms.json) land in it too
-    frame = Frame.of(cfg["FRAME"]) if isinstance(cfg["FRAME"], dict) else None
     scene = scene_of({**cfg, "DATA": data}, (split,), frame)
     if split not in scene.splits:
         raise UserError(f"--split={split}: {data} has only {', '.join(sorted(scene.splits))}")

@@ -336,17 +336,11 @@ class Viewer:
 def open_viewer(path, host="127.0.0.1", port=8080, max_res=400, frame_s=2.0, device="auto"):
     """A Viewer of a run directory, checkpoint or BitNeRF export; its training cameras when its data is at hand."""
     from dataset import Scene, scene_of
-    from eval import load_field, runnable_config
-    from render import Frame
-    from train import autocast_context, resolve_device
-    from utils import checkpoint_path, load_checkpoint
+    from eval import load_field, load_run
+    from train import autocast_context
 
     check_settings(host, port, max_res, frame_s)
-    path = checkpoint_path(path)
-    ckpt = load_checkpoint(path)
-    device = resolve_device(device)
-    cfg = runnable_config(ckpt["config"], device)
-    frame = Frame.of(cfg["FRAME"]) if isinstance(cfg["FRAME"], dict) else None
+    path, ckpt, cfg, device, frame = load_run(path, device)
     try:
         scene = scene_of(cfg, ("train",), frame)
         views = scene.splits["train"]

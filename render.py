@@ -385,23 +385,12 @@ def direction_scale(rays, frame):
     return rays.dirs.norm(dim=-1, keepdim=True) if frame.space == "ndc" else None
 
 
-def shade(model, rays, t, frame, background, grid=None, min_transmittance=0.0, skip_zero_density=False,
-          fixed_shapes=False):
-    """Query the model at depths t (only where the occupancy grid says there may be density) and composite.
-
-    With min_transmittance > 0 and no gradients (rendering), samples are queried front to back in blocks of
-    ERT_BLOCK, and a ray whose transmittance fell below min_transmittance is no longer queried (early ray
-    termination): the skipped samples could change its colour and opacity by less than min_transmittance.
-    With fixed_shapes (training under a CUDA graph) every sample is queried and the culled ones zeroed instead
-    (query_all): the same result, with shapes that do not depend on the grid.
-    """
-    keep = grid.occupied(rays.origins, rays.dirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+def query_marching(model, rays, t, keep, frame, min_transmittance):
+    """Rendering's query (no gradients): the model's rgb (R, S, 3) and density (R, S) at the kept depths, front to
+    back in blocks of ERT_BLOCK samples; a ray whose transmittance fell below min_transmittance is no longer queried
+    (early ray termination: the skipped samples could change its colour and opacity by less than that). Unqueried
+    samples are zero."""
     scale = direction_scale(rays, frame)
-    if fixed_shapes:
-        return volume_render(*query_all(model, rays, t, keep, frame), t, frame.end(), background, scale)
-    if not min_transmittance or torch.is_grad_enabled():
-        rgb, sigma = query_kept(model, rays, t, keep, skip_zero_density, frame)
-        return volume_render(rgb, sigma, t, frame.end(), background, scale)
     deltas = segment_lengths(t, frame.end()) * (1 if scale is None else scale)
     rgb, sigma = torch.zeros(*t.shape, 3, device=t.device), torch.zeros(t.shape, device=t.device)
     optical_depth = torch.zeros(t.shape[0], device=t.device)  # -log transmittance before the current block
@@ -411,6 +400,25 @@ def shade(model, rays, t, frame, background, grid=None, min_transmittance=0.0, s
         rgb[:, block], sigma[:, block] = query_kept(model, rays, t[:, block], keep[:, block] & alive[:, None],
                                                     frame=frame)
         optical_depth += (sigma[:, block] * deltas[:, block]).sum(-1)
+    return rgb, sigma
+
+
+def shade(model, rays, t, frame, background, grid=None, min_transmittance=0.0, skip_zero_density=False,
+          fixed_shapes=False):
+    """Query the model at depths t (only where the occupancy grid says there may be density) and composite.
+
+    With min_transmittance > 0 and no gradients (rendering), early ray termination (see query_marching).
+    With fixed_shapes (training under a CUDA graph) every sample is queried and the culled ones zeroed instead
+    (query_all): the same result, with shapes that do not depend on the grid.
+    """
+    keep = grid.occupied(rays.origins, rays.dirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    scale = direction_scale(rays, frame)
+    if fixed_shapes:
+        return volume_render(*query_all(model, rays, t, keep, frame), t, frame.end(), background, scale)
+    if not min_transmittance or torch.is_grad_enabled():
+        rgb, sigma = query_kept(model, rays, t, keep, skip_zero_density, frame)
+    else:
+        rgb, sigma = query_marching(model, rays, t, keep, frame, min_transmittance)
     return volume_render(rgb, sigma, t, frame.end(), background, scale)
 
 
@@ -433,6 +441,44 @@ def render_rays(model, rays, frame, num_samples, background, generator=None, gri
     return shade(model, rays, t, frame, background, grid, min_transmittance, skip_zero_density, fixed_shapes)[:3]
 
 
+def query_still(model, rays, t, keep, frame, min_transmittance):
+    """Rendering's query at depths t: with early ray termination (query_marching), or of every kept sample."""
+    if min_transmittance:
+        return query_marching(model, rays, t, keep, frame, min_transmittance)
+    return query_kept(model, rays, t, keep, frame=frame)
+
+
+@torch.no_grad()
+def render_rays_still(model, rays, frame, num_samples, background, grid=None, num_fine=0, min_transmittance=0.0):
+    """render_rays for rendering (no gradients, samples at the strata's centres), with the work of two passes cut:
+
+    only rays whose samples meet an occupied cell of the grid are marched (the others show the background), and
+    the fine pass queries only its new samples, compositing them with the coarse pass's values at the depths it
+    shares (render_rays queries those again). Measured against render_rays: docs/fullres.md.
+    """
+    t = sample_along_rays(rays, frame, num_samples)
+    keep = grid.occupied(rays.origins, rays.dirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    R = t.shape[0]
+    rgb_out, depth_out, acc_out = background.expand(R, 3).clone(), t.new_zeros(R), t.new_zeros(R)
+    live = keep.any(-1).nonzero()[:, 0]
+    if len(live) == 0:
+        return rgb_out, depth_out, acc_out
+    rays, t, keep = Rays(*(x[live] for x in rays)), t[live], keep[live]
+    scale = direction_scale(rays, frame)
+    rgb, sigma = query_still(model, rays, t, keep, frame, min_transmittance)
+    if num_fine:
+        weights = volume_render(rgb, sigma, t, frame.end(), background, scale)[3]
+        t_fine = sample_pdf(t, weights, frame.far, num_fine)
+        keep_fine = grid.occupied(rays.origins, rays.dirs, t_fine) if grid is not None else torch.ones_like(
+            t_fine, dtype=torch.bool)
+        rgb_fine, sigma_fine = query_kept(model, rays, t_fine, keep_fine, frame=frame)
+        t, order = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1)
+        rgb = torch.cat([rgb, rgb_fine], 1).gather(1, order[..., None].expand(-1, -1, 3))
+        sigma = torch.cat([sigma, sigma_fine], 1).gather(1, order)
+    rgb_out[live], depth_out[live], acc_out[live] = volume_render(rgb, sigma, t, frame.end(), background, scale)[:3]
+    return rgb_out, depth_out, acc_out
+
+
 @torch.no_grad()
 def render_image(model, camera, frame, num_samples, background, chunk, grid=None, num_fine=0,
                  min_transmittance=0.0, stop=None):
@@ -444,8 +490,8 @@ def render_image(model, camera, frame, num_samples, background, chunk, grid=None
     for r in zip(*(x.split(chunk) for x in rays), strict=True):
         if stop is not None and stop():
             return None
-        outs.append(render_rays(model, Rays(*r), frame, num_samples, background, grid=grid, num_fine=num_fine,
-                                min_transmittance=min_transmittance))
+        outs.append(render_rays_still(model, Rays(*r), frame, num_samples, background, grid, num_fine,
+                                      min_transmittance))
     rgb, depth, acc = (torch.cat(x) for x in zip(*outs, strict=True))
     return rgb.reshape(H, W, 3), depth.reshape(H, W), acc.reshape(H, W)
 

@@ -330,3 +330,33 @@ def test_depth_pictures_show_the_surface_depth_and_the_background_as_far():
     assert (img[0, 2] == depth_image(torch.tensor([[4.0]]), torch.ones(1, 1), 2.0, 6.0)[0, 0]).all()
     # depth is divided by opacity: a ray 0.6 opaque whose expected depth is 0.6 * 4 shows depth 4
     assert (depth_image(torch.tensor([[2.4]]), torch.tensor([[0.6]]), 2.0, 6.0) == img[0, 2]).all()
+
+
+@pytest.mark.parametrize("min_transmittance", [0.0, 1e-4])
+def test_rendering_reuses_the_coarse_samples_and_skips_empty_rays_with_the_two_pass_render(min_transmittance):
+    """render_image queries the fine pass's new samples only, and no ray that meets no occupied cell: the render of
+    render_rays' two passes (which query the coarse samples again), within early termination's tolerance."""
+    c2w = pose_spherical(40.0, -30.0, 4.0)
+    grid = OccupancyGrid(bound=1.5, resolution=32, sigma_threshold=-math.log(0.99) / (4.0 / 64))
+    grid.update(Blob(), decay=1.0, generator=torch.Generator().manual_seed(0))
+    queried = []
+
+    class Counting(Blob):
+        def forward(self, x, d=None):
+            queried.append(x.shape[0])
+            return super().forward(x, d)
+
+    camera = pinhole(c2w, 16, 16, 40.0)  # the blob fills the middle of the view; its corners see nothing
+    with torch.no_grad():
+        two_pass = render_rays(Counting(), get_rays(camera), Frame(), 64, torch.ones(3), grid=grid, num_fine=16,
+                               min_transmittance=min_transmittance)
+    n_two_pass, queried[:] = sum(queried), []
+    rgb, depth, acc = render_image(Counting(), camera, Frame(), 64, torch.ones(3), chunk=100, grid=grid, num_fine=16,
+                                   min_transmittance=min_transmittance)
+    assert 0.1 < (two_pass[2] > 0.5).float().mean() < 0.9  # hits and misses
+    assert sum(queried) < 0.8 * n_two_pass
+    # the coarse samples' values are the same; a skipped ray may only have grazed an occupied cell between two of
+    # its coarse samples, and early termination leaves out less than its threshold
+    changed = (rgb.reshape(-1, 3) - two_pass[0]).abs().amax(-1)
+    assert changed.max() < 5e-3 and (changed > 1e-5 + 10 * min_transmittance).float().mean() < 0.02
+    assert (acc.reshape(-1) - two_pass[2]).abs().max() < 5e-3 and (depth.reshape(-1) - two_pass[1]).abs().mean() < 1e-3

@@ -333,6 +333,13 @@ class Viewer:
         self.server.stop()
 
 
+def saved_background(ckpt):
+    """The background a run trained over, as its checkpoint recorded it (a .npz's is black whatever BACKGROUND says);
+    an export, which records none, its config's."""
+    color = ckpt.get("scene", {}).get("background", ckpt["config"]["BACKGROUND"])
+    return torch.full((3,), float(color == "white")) if isinstance(color, str) else torch.tensor(color)
+
+
 def open_viewer(path, host="127.0.0.1", port=8080, max_res=400, frame_s=2.0, device="auto"):
     """A Viewer of a run directory, checkpoint or BitNeRF export; its training cameras when its data is at hand."""
     from dataset import Scene, scene_of
@@ -348,7 +355,7 @@ def open_viewer(path, host="127.0.0.1", port=8080, max_res=400, frame_s=2.0, dev
         if frame is None:  # a run from before frames were saved: its frame comes from its data
             raise
         print(f"notice: {e}; showing the field without its training cameras", file=sys.stderr)
-        scene, views = Scene({}, frame, torch.full((3,), float(cfg["BACKGROUND"] == "white"))), None
+        scene, views = Scene({}, frame, saved_background(ckpt)), None
     scene.background = scene.background.to(device)
     model, grid = load_field(ckpt, cfg, scene.frame, device, path)
     render = field_renderer(model, scene, cfg, grid, autocast_context(cfg, device))

@@ -268,3 +268,10 @@ def test_an_error_while_rendering_is_shown_once_and_the_server_stays_up(capsys):
             assert page.status == 200
     finally:
         viewer.close()
+
+
+def test_a_viewer_without_the_data_shows_the_background_the_run_trained_over():
+    """A .npz scene trains over black whatever BACKGROUND says; the checkpoint's record, not the config, tells."""
+    npz_run = {"config": {"BACKGROUND": "white"}, "scene": {"background": "black"}}
+    export = {"config": {"BACKGROUND": "white"}}
+    assert view.saved_background(npz_run).tolist() == [0.0] * 3 and view.saved_background(export).tolist() == [1.0] * 3

@@ -8,12 +8,13 @@ peak memory over --steps steps of the training loop on lego_tiny.
     python bench.py [--exps=exp1,exp2,exp3,exp4] [--steps=150] [--compile=both|on|off|preset] [--data=PATH]
 Any other --key=value is a config override applied to every experiment (e.g. --batch_size=8192 --dtype=bfloat16).
 Time to quality (--quality): train each experiment for --budget_s seconds (default 10 min on a CPU, 15 on a
-GPU) and print the PSNR on all validation views when training time passes 2.5 / 5 / 10 minutes (CPU) or
+GPU) and print the PSNR on all validation views when training time passes 2.5 / 5 / 10 / 30 minutes (CPU) or
 15 s / 1 / 5 / 15 minutes (GPU), the share of the ray samples that reached the MLP's gradient pass (the rest the
 grid culled or, with SKIP_ZERO_DENSITY, had zero density), and the MLP FLOPs of the whole run (gradient passes,
 no-grad passes and grid updates) per second of training against the same dtype's torch.mm peak (the higher of
 one timed before and one after training).
     python bench.py --quality [--budget_s=600] [--exps=exp1] [--data=.../nerf_synthetic/lego --downscale=4]
+    python bench.py --quality --exps=exp7 --data=.../nerf_synthetic/lego --recipe=cpu800 --budget_s=3600  (800 px)
 Several scenes (--scenes, quality mode): each experiment on each scene (a data path, @K for its downscale), then
 the field's table: PSNR and SSIM per scene and their mean (a BitNeRF run's export with its size on its own row).
     python bench.py --quality --exps=exp7 --scenes=.../chair_tiny.npz,.../hotdog_tiny.npz,.../nerf_llff_data/fern@8
@@ -48,7 +49,7 @@ import configs
 # about the points a trained exp1 step sends to the MLP once the occupancy grid has culled (docs/performance.md);
 # rendering's model calls (one per block of 8 samples on 4,096 rays, after the grid) are of that size or smaller
 CULLED_POINTS = 4096
-QUALITY_MARKS_S = {"cpu": (150, 300, 600), "cuda": (15, 60, 300, 900)}  # where time-to-quality reads the PSNR
+QUALITY_MARKS_S = {"cpu": (150, 300, 600, 1800), "cuda": (15, 60, 300, 900)}  # where time-to-quality reads the PSNR
 SHARED_TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "lego_tiny.npz")
 
 

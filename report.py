@@ -2,6 +2,7 @@
 
     python report.py [--budget_s=600] [--data=PATH [--downscale=N]] [--seeds=N] [--only=exp1,exp4] [--quick]
     python report.py --scenes=PATH[@K],PATH[@K],... [--only=exp7,exp7-bitnerf] [--budget_s=1200]
+    python report.py --data=.../nerf_synthetic/lego --recipe=cpu800 --budget_s=3600 --only=exp7   (800 px, an hour)
 
 Each experiment trains from scratch in its own run directory (a preset with LAUNCH=torchrun under torchrun with
 2 processes; on a GPU machine one per GPU, at most 2) and is evaluated on all the held-out views each time its
@@ -74,7 +75,7 @@ def ddp_processes():
 
 def time_marks(budget_s):
     """The training times (s) before the budget's end at which bench.py --quality reads PSNR on this machine's
-    device (CPU: 2.5 and 5 min; GPU: 15 s, 1, 5 min): the table gives the PSNR there too."""
+    device (CPU: 2.5, 5, 10, 30 min; GPU: 15 s, 1, 5, 15 min): the table gives the PSNR there too."""
     import torch
 
     return quality_marks(torch.device("cuda" if torch.cuda.is_available() else "cpu"), budget_s)[:-1]
@@ -132,6 +133,8 @@ def command(exp, args, run_dir, seed=0):
                  f"--video_frames={QUICK['video_frames'] if args.quick else VIDEO_FRAMES}", "--eval_every=0",
                  "--eval_at_s=" + ",".join(f"{m:g}" for m in eval_marks(args.budget_s, curve_points(args))),
                  f"--seed={cfg['SEED'] + seed}"]
+    if args.recipe:
+        overrides.append(f"--recipe={args.recipe}")
     if args.downscale:
         overrides.append(f"--downscale={args.downscale}")
     if args.quick:
@@ -327,6 +330,8 @@ def parse_args(argv):
                    "(downloaded); synthetic for --quick")
     p.add_argument("--downscale", type=int, default=None, help="a nerf_synthetic --data folder's image downscale "
                    "(1 = 800 px, 4 = 200 px; default: the presets')")
+    p.add_argument("--recipe", default=None, choices=tuple(configs.RECIPES), help="a recipe over every preset, as "
+                   "`expN.py --recipe` (e.g. cpu800: 800 px views); the report's budget and marks still apply")
     p.add_argument("--scenes", default=None, help="comma-separated data paths (PATH@K: downscale K): the report on "
                    "each, and scenes.md, a table of PSNR/SSIM per scene and their mean (in place of --data)")
     p.add_argument("--seeds", type=int, default=1, help="runs per experiment (SEED 0 .. N-1): mean +- std")

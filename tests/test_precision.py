@@ -84,6 +84,7 @@ def test_bench_quality_mode_prints_psnr_at_its_marks_and_the_runs_fraction_of_th
     row = rows[-1]
     assert row["psnr@2s"] > 5.0 and row["steps"] > 10  # the budget's end is always a mark
     assert bench.quality_marks(torch.device("cpu"), 600) == [150, 300, 600]
+    assert bench.quality_marks(torch.device("cpu"), 3600) == [150, 300, 600, 1800, 3600]  # 800 px: 10 / 30 / 60 min
     assert bench.quality_marks(torch.device("cuda"), 100) == [15, 60, 100]
     assert 0.0 < row["% of samples trained"] <= 100.0
     assert row["mlp_gflops"] > 0

@@ -69,6 +69,13 @@ def test_a_full_report_validates_at_each_eighth_of_the_budget_a_quick_one_at_hal
     assert marks("--quick", "--budget_s=4") == "--eval_at_s=2"
 
 
+def test_a_report_at_800_px_trains_each_preset_under_the_recipe_for_its_own_budget():
+    cmd = report.command("exp7", report.parse_args(["--out_dir=x", "--recipe=cpu800", "--budget_s=3600"]), "run")
+    cfg = configs.apply_overrides(configs.EXP7, [a for a in cmd if a.startswith("--")])
+    assert (cfg["RECIPE"], cfg["DOWNSCALE"], cfg["TIME_BUDGET_S"]) == ("cpu800", 1, 3600.0)
+    assert {"600", "1800", "3150"} <= set(cfg["EVAL_AT_S"].split(","))  # 10 and 30 minutes, the curve's last eighth
+
+
 def test_the_psnr_curve_ends_at_the_final_evaluation_the_table_reports():
     history = lambda final: [{"step": 10, "train_seconds": 2.1, "psnr": 20.0, "at_s": [2.0]},  # noqa: E731
                              {"step": 15, "train_seconds": 3.0, "psnr": 21.0},  # an EVAL_EVERY one on fewer views

@@ -14,6 +14,7 @@ from render import (
     pose_spherical,
     render_image,
     render_rays,
+    render_rays_still,
     sample_along_rays,
     volume_render,
 )
@@ -360,3 +361,26 @@ def test_rendering_reuses_the_coarse_samples_and_skips_empty_rays_with_the_two_p
     changed = (rgb.reshape(-1, 3) - two_pass[0]).abs().amax(-1)
     assert changed.max() < 5e-3 and (changed > 1e-5 + 10 * min_transmittance).float().mean() < 0.02
     assert (acc.reshape(-1) - two_pass[2]).abs().max() < 5e-3 and (depth.reshape(-1) - two_pass[1]).abs().mean() < 1e-3
+
+
+def test_rendering_sees_past_a_thin_shell_the_coarse_pass_stopped_at():
+    """A dense shell thinner than the fine samples' spacing, on one coarse sample: the coarse pass's early
+    termination stops there, but the joined samples let light through to the wall behind, as render_rays shows."""
+
+    class ShellAndWall(torch.nn.Module):
+        use_viewdirs = False
+
+        def forward(self, x, d=None):
+            shell = (x[:, 2] - (4 - 2.65625)).abs() < 0.002  # around coarse sample 10 of 64 from depth 2
+            wall = x[:, 2] < 0
+            rgb = torch.stack([wall.float(), shell.float(), torch.zeros_like(x[:, 0])], -1)
+            return rgb, 500.0 * shell + 50.0 * wall
+
+    origins = torch.tensor([[0.0, 0.0, 4.0], [0.3, -0.2, 4.0]])
+    rays = rays_of(origins, torch.tensor([[0.0, 0.0, -1.0]]).expand(2, 3))
+    with torch.no_grad():
+        two_pass = render_rays(ShellAndWall(), rays, Frame(), 64, torch.zeros(3), num_fine=16, min_transmittance=1e-4)
+    rgb, _, acc = render_rays_still(ShellAndWall(), rays, Frame(), 64, torch.zeros(3), num_fine=16,
+                                    min_transmittance=1e-4)
+    assert (two_pass[0][:, 0] > 0.01).all()  # the wall shows through the shell
+    assert (rgb - two_pass[0]).abs().max() < 1e-3 and (acc - two_pass[2]).abs().max() < 1e-3

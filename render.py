@@ -468,7 +468,8 @@ def render_rays_still(model, rays, frame, num_samples, background, grid=None, nu
     per-sample work of both passes (sampling, sorting, compositing), though the grid had culled its queries already.
     The fine pass keeps the coarse pass's values and queries what is new: first its own samples, then any coarse
     sample that early termination skipped but that the joined samples may still see (query_unknown), so that the
-    render is render_rays' within early termination's tolerance. Measured against render_rays: docs/fullres.md.
+    render is render_rays' within early termination's tolerance, but for a ray whose coarse samples all fall in
+    empty cells and whose uniform fine ones would reach one. Measured against render_rays: docs/fullres.md.
     """
     t = sample_along_rays(rays, frame, num_samples)
     keep = grid.occupied(rays.origins, rays.dirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)

@@ -385,13 +385,23 @@ def direction_scale(rays, frame):
     return rays.dirs.norm(dim=-1, keepdim=True) if frame.space == "ndc" else None
 
 
+def occupancy(grid, rays, t):
+    """Which samples at depths t (R, S) the occupancy grid sends to the model; all of them without a grid."""
+    return grid.occupied(rays.origins, rays.dirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+
+
+def sample_lengths(rays, t, frame):
+    """The length each sample stands for along its ray (segment_lengths, times the direction's length in NDC)."""
+    scale = direction_scale(rays, frame)
+    return segment_lengths(t, frame.end()) * (1 if scale is None else scale)
+
+
 def query_marching(model, rays, t, keep, frame, min_transmittance):
     """Rendering's query (no gradients): the model's rgb (R, S, 3) and density (R, S) at the kept depths, front to
     back in blocks of ERT_BLOCK samples; a ray whose transmittance fell below min_transmittance is no longer queried
     (early ray termination: the skipped samples could change its colour and opacity by less than that). Unqueried
     samples are zero; also returns which samples were queried."""
-    scale = direction_scale(rays, frame)
-    deltas = segment_lengths(t, frame.end()) * (1 if scale is None else scale)
+    deltas = sample_lengths(rays, t, frame)
     rgb, sigma = torch.zeros(*t.shape, 3, device=t.device), torch.zeros(t.shape, device=t.device)
     queried = torch.zeros_like(keep)
     optical_depth = torch.zeros(t.shape[0], device=t.device)  # -log transmittance before the current block
@@ -411,7 +421,7 @@ def shade(model, rays, t, frame, background, grid=None, min_transmittance=0.0, s
     With fixed_shapes (training under a CUDA graph) every sample is queried and the culled ones zeroed instead
     (query_all): the same result, with shapes that do not depend on the grid.
     """
-    keep = grid.occupied(rays.origins, rays.dirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    keep = occupancy(grid, rays, t)
     scale = direction_scale(rays, frame)
     if fixed_shapes:
         return volume_render(*query_all(model, rays, t, keep, frame), t, frame.end(), background, scale)
@@ -447,12 +457,12 @@ def by_depth(order, coarse, fine):
     return both.gather(1, order.view(*order.shape, *[1] * (both.dim() - 2)).expand_as(both))
 
 
-def query_unknown(model, rays, t, ask, frame, limit, rgb, sigma, known):
+def query_unknown(model, rays, t, deltas, ask, frame, limit, rgb, sigma, known):
     """Query the asked samples whose values are not yet known and that may still be seen: the optical depth before
-    them, summed over the known samples alone (the others count 0: a lower bound), is below limit. Samples whose
-    bound reaches it are behind transmittance exp(-limit) whatever the unknown values are."""
-    scale = direction_scale(rays, frame)
-    tau = sigma * segment_lengths(t, frame.end()) * (1 if scale is None else scale)
+    them (sigma times the samples' lengths, deltas), summed over the known samples alone (the others count 0: a
+    lower bound), is below limit. Samples whose bound reaches it are behind transmittance exp(-limit) whatever the
+    unknown values are."""
+    tau = sigma * deltas
     ask = ask & ~known & (torch.cumsum(F.pad(tau[:, :-1], (1, 0)), dim=-1) < limit)
     if not ask.any():
         return rgb, sigma, known
@@ -472,7 +482,7 @@ def render_rays_still(model, rays, frame, num_samples, background, grid=None, nu
     empty cells and whose uniform fine ones would reach one. Measured against render_rays: docs/fullres.md.
     """
     t = sample_along_rays(rays, frame, num_samples)
-    keep = grid.occupied(rays.origins, rays.dirs, t) if grid is not None else torch.ones_like(t, dtype=torch.bool)
+    keep = occupancy(grid, rays, t)
     R = t.shape[0]
     rgb_out, depth_out, acc_out = background.to(t.dtype).expand(R, 3).clone(), t.new_zeros(R), t.new_zeros(R)
     live = keep.any(-1).nonzero()[:, 0]
@@ -488,17 +498,16 @@ def render_rays_still(model, rays, frame, num_samples, background, grid=None, nu
     if num_fine:
         weights = volume_render(rgb, sigma, t, frame.end(), background, scale)[3]
         t_fine = sample_pdf(t, weights, frame.far, num_fine)
-        keep_fine = grid.occupied(rays.origins, rays.dirs, t_fine) if grid is not None else torch.ones_like(
-            t_fine, dtype=torch.bool)
+        keep_fine = occupancy(grid, rays, t_fine)
         t, order = torch.sort(torch.cat([t, t_fine], dim=-1), dim=-1)
-        none = torch.zeros_like(keep_fine)
-        fine = by_depth(order, torch.zeros_like(keep), ~none)
-        keep, known = by_depth(order, keep, keep_fine), by_depth(order, known, none)
+        fine = order >= num_samples  # the joined order's indices past the coarse ones are the new samples
+        keep, known = by_depth(order, keep, keep_fine), by_depth(order, known, torch.zeros_like(keep_fine))
         rgb, sigma = by_depth(order, rgb, rgb.new_zeros(*t_fine.shape, 3)), by_depth(order, sigma, t_fine.new_zeros(
             t_fine.shape))
         limit = -math.log(min_transmittance) if min_transmittance else math.inf
+        deltas = sample_lengths(rays, t, frame)
         for ask in (keep & fine, keep):  # the new samples, then any coarse one still unknown and maybe seen
-            rgb, sigma, known = query_unknown(model, rays, t, ask, frame, limit, rgb, sigma, known)
+            rgb, sigma, known = query_unknown(model, rays, t, deltas, ask, frame, limit, rgb, sigma, known)
     rgb_out[live], depth_out[live], acc_out[live] = volume_render(rgb, sigma, t, frame.end(), background, scale)[:3]
     return rgb_out, depth_out, acc_out
 

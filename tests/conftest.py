@@ -1,11 +1,14 @@
 """Shared fixtures and helpers: the repo on sys.path, the real data beside the repo, small fast configs,
 command-line runs, and trained runs made once per session."""
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 
+import imageio.v2 as imageio
+import numpy as np
 import pytest
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker (and its child processes): 2 workers, 2 cores
@@ -14,9 +17,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker (and its
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
+FULL_HW, FOCAL = (48, 64), 50.0  # llff_capture's full-size images and focal length
 sys.path.insert(0, ROOT)
 
 from configs import EXP1, EXP4  # noqa: E402
+from dataset import synthetic_scene  # noqa: E402
 
 # pytest-xdist gives a worker the next test file, in collection order (--no-loadscope-reorder), once it is nearly
 # idle: the longest files first (pytest --durations=0 says which), so no worker is left with a long one at the end
@@ -52,9 +57,6 @@ def one_line_error(res, words):
 
 def write_blender(folder, images, poses, focal, splits=("train", "val")):
     """A nerf_synthetic-style folder: RGBA PNGs (RGB images get alpha 1 where not black) and transforms json."""
-    import imageio.v2 as imageio
-    import numpy as np
-
     if images.shape[-1] == 3:
         images = np.concatenate([images, (images.max(-1, keepdims=True) > 0).astype(np.float32)], -1)
     W = images.shape[2]
@@ -67,6 +69,55 @@ def write_blender(folder, images, poses, focal, splits=("train", "val")):
         angle = 2 * np.arctan(W / (2 * focal))
         (folder / f"transforms_{split}.json").write_text(json.dumps({"camera_angle_x": angle, "frames": frames}))
     return str(folder)
+
+
+def write_images(folder, images):
+    """uint8 PNGs image000.png ... of float images (N, H, W, 3) into folder."""
+    os.makedirs(folder, exist_ok=True)
+    for k, image in enumerate(images):
+        imageio.imwrite(os.path.join(folder, f"image{k:03d}.png"), (np.asarray(image) * 255).round().astype(np.uint8))
+
+
+def write_llff(folder, c2w, hw, focal, bounds, images_by_factor):
+    """An LLFF capture: poses_bounds.npy (OpenGL c2w written in LLFF's [down, right, back] columns, the full-size
+    [H, W, focal]) and an images_K/ folder for each factor."""
+    c2w = np.asarray(c2w, dtype=np.float64)
+    llff = np.concatenate([-c2w[:, :3, 1:2], c2w[:, :3, 0:1], c2w[:, :3, 2:4],
+                           np.tile(np.array([[*hw, focal]]).T[None], (len(c2w), 1, 1))], 2)
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "poses_bounds.npy"), np.concatenate([llff.reshape(-1, 15), bounds], 1))
+    for factor, images in images_by_factor.items():
+        write_images(os.path.join(folder, f"images_{factor}"), images)
+    return str(folder)
+
+
+def llff_capture(folder):
+    """A made-up 4-view forward-facing LLFF capture (random images) with images_4/ and images_8/ of FULL_HW images
+    at FOCAL; (folder, its c2w)."""
+    c2w = np.tile(np.eye(4), (4, 1, 1))
+    c2w[:, :3, 3] = [[0.1 * k, -0.05 * k, 0.02 * k] for k in range(4)]
+    rng = np.random.default_rng(0)
+    images = {f: rng.random((4, FULL_HW[0] // f, FULL_HW[1] // f, 3)) for f in (4, 8)}
+    bounds = np.array([[2.0, 10.0], [2.5, 9.0], [3.0, 12.0], [2.2, 8.0]])
+    return write_llff(folder, c2w, FULL_HW, FOCAL, bounds, images), c2w
+
+
+def write_transforms(folder, frames, images, **shared):
+    """A transforms.json capture: images/NNN.png and the frames (each with its transform_matrix and own keys)."""
+    os.makedirs(folder / "images", exist_ok=True)
+    listed = []
+    for k, (fr, image) in enumerate(zip(frames, images, strict=True)):
+        imageio.imwrite(folder / "images" / f"{k:03d}.png", (np.asarray(image) * 255).round().astype(np.uint8))
+        listed.append({"file_path": f"images/{k:03d}.png", **fr})
+    (folder / "transforms.json").write_text(json.dumps({**shared, "frames": listed[::-1]}))  # any order
+    return str(folder)
+
+
+def synthetic_capture(folder, views):
+    """The procedural scene's views (at 24 px) as a transforms.json capture, camera_angle_x only."""
+    images, poses, focal = synthetic_scene(n_views=16, size=24)
+    frames = [{"transform_matrix": poses[k].tolist()} for k in views]
+    return write_transforms(folder, frames, images[views], camera_angle_x=2 * math.atan(12 / focal))
 
 
 def images_of(views):

@@ -3,10 +3,8 @@ lens distortion, the scene's frame kept and applied to other views of the captur
 scenes (fern, fox; skipped where absent)."""
 import argparse
 import json
-import math
 import os
 
-import imageio.v2 as imageio
 import numpy as np
 import pytest
 import torch
@@ -14,11 +12,19 @@ import torch
 import eval as evaluate
 import train
 from configs import EXP7
-from conftest import SHARED_DATA, images_of, one_line_error, run_cli, small
-from dataset import DataError, load_scene, read_llff, synthetic_scene
+from conftest import (
+    FOCAL,
+    SHARED_DATA,
+    images_of,
+    llff_capture,
+    one_line_error,
+    run_cli,
+    small,
+    synthetic_capture,
+    write_transforms,
+)
+from dataset import DataError, load_scene, read_llff
 from render import Cameras, Frame, camera_directions, distort, get_rays
-
-FULL_HW, FOCAL = (48, 64), 50.0  # a made-up LLFF capture's full-size images and focal length
 
 
 def score(run, data=None, split="auto"):
@@ -26,35 +32,10 @@ def score(run, data=None, split="auto"):
     return evaluate.run(argparse.Namespace(ckpt=run, data=data, split=split, out=None, device="cpu", per_view=False))
 
 
-def write_images(folder, images):
-    """uint8 PNGs image000.png ... of float images (N, H, W, 3) into folder."""
-    os.makedirs(folder, exist_ok=True)
-    for k, image in enumerate(images):
-        imageio.imwrite(os.path.join(folder, f"image{k:03d}.png"), (np.asarray(image) * 255).round().astype(np.uint8))
-
-
-def write_llff(folder, c2w, hw, focal, bounds, images_by_factor):
-    """An LLFF capture: poses_bounds.npy (OpenGL c2w written in LLFF's [down, right, back] columns, the full-size
-    [H, W, focal]) and an images_K/ folder for each factor."""
-    c2w = np.asarray(c2w, dtype=np.float64)
-    llff = np.concatenate([-c2w[:, :3, 1:2], c2w[:, :3, 0:1], c2w[:, :3, 2:4],
-                           np.tile(np.array([[*hw, focal]]).T[None], (len(c2w), 1, 1))], 2)
-    os.makedirs(folder, exist_ok=True)
-    np.save(os.path.join(folder, "poses_bounds.npy"), np.concatenate([llff.reshape(-1, 15), bounds], 1))
-    for factor, images in images_by_factor.items():
-        write_images(os.path.join(folder, f"images_{factor}"), images)
-    return str(folder)
-
-
 @pytest.fixture
 def llff(tmp_path):
     """A made-up 4-view forward-facing LLFF capture with images_4/ and images_8/; (folder, its c2w)."""
-    c2w = np.tile(np.eye(4), (4, 1, 1))
-    c2w[:, :3, 3] = [[0.1 * k, -0.05 * k, 0.02 * k] for k in range(4)]
-    rng = np.random.default_rng(0)
-    images = {f: rng.random((4, FULL_HW[0] // f, FULL_HW[1] // f, 3)) for f in (4, 8)}
-    bounds = np.array([[2.0, 10.0], [2.5, 9.0], [3.0, 12.0], [2.2, 8.0]])
-    return write_llff(tmp_path / "llff", c2w, FULL_HW, FOCAL, bounds, images), c2w
+    return llff_capture(tmp_path / "llff")
 
 
 def test_llff_axes_focal_and_image_folder_at_each_downscale(llff):
@@ -83,17 +64,6 @@ def test_an_llff_capture_is_scaled_centred_and_rendered_in_ndc(llff):
     assert torch.allclose(rays.origins[:, 2], torch.full((12 * 16,), -1.0), atol=1e-5)  # on the near plane
     far = rays.origins + rays.dirs * 0.999  # t -> 1 is infinitely far: NDC z -> 1
     assert far[:, 2].min() > 0.99 and rays.viewdirs.norm(dim=-1).sub(1).abs().max() < 1e-5
-
-
-def write_transforms(folder, frames, images, **shared):
-    """A transforms.json capture: images/NNN.png and the frames (each with its transform_matrix and own keys)."""
-    os.makedirs(folder / "images", exist_ok=True)
-    listed = []
-    for k, (fr, image) in enumerate(zip(frames, images, strict=True)):
-        imageio.imwrite(folder / "images" / f"{k:03d}.png", (np.asarray(image) * 255).round().astype(np.uint8))
-        listed.append({"file_path": f"images/{k:03d}.png", **fr})
-    (folder / "transforms.json").write_text(json.dumps({**shared, "frames": listed[::-1]}))  # any order
-    return str(folder)
 
 
 def look_from(position):
@@ -146,13 +116,6 @@ def test_a_distorted_pixels_ray_is_the_lens_models_inverse():
     d = camera_directions(cams, 0, i, j)
     expected = torch.nn.functional.normalize(torch.stack([x, -y, -torch.ones_like(x)], -1), dim=-1)
     assert (d - expected).abs().max() < 1e-5 and (xd - x).abs().max() > 1e-3  # the lens does bend them
-
-
-def synthetic_capture(folder, views):
-    """The procedural scene's views (at 24 px) as a transforms.json capture, camera_angle_x only."""
-    images, poses, focal = synthetic_scene(n_views=16, size=24)
-    frames = [{"transform_matrix": poses[k].tolist()} for k in views]
-    return write_transforms(folder, frames, images[views], camera_angle_x=2 * math.atan(12 / focal))
 
 
 def test_the_runs_frame_scores_other_views_of_its_capture_as_its_own(tmp_path):

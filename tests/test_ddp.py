@@ -10,7 +10,7 @@ import torch
 
 import train
 from bitnerf import plain_state
-from conftest import ROOT, run_cli
+from conftest import ROOT, llff_capture, run_cli
 
 TINY = ["--data=synthetic", "--num_layers=4", "--num_samples=32", "--batch_size=256", "--chunk=1024",
         "--eval_every=10", "--eval_views=2", "--log_every=5", "--video_frames=0", "--wandb=disabled"]
@@ -46,6 +46,8 @@ def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     # time, and compiled exp6 under torchrun runs in the quick report's test. exp7: the hash table's dense gradient,
     # all-reduced. A 32^3 grid: the export's grid, measured from the model, costs 8x less
     hashed = ["--hash_levels=6", "--hash_log2_size=12"] if exp == "exp7.py" else []
+    if exp == "exp7.py":  # and on a capture: its frame, NDC and per-view bounds, chosen alike by each rank
+        hashed += [f"--data={llff_capture(tmp_path / 'llff')[0]}", "--downscale=4"]
     lower = ["--lr=1e-3"] if exp == "exp6.py" else []
     # a validation split over the ranks midway: exp5 and exp7 (eager QAT, exp6, renders slowly; it validates at the end)
     midway = ["--eval_every=0"] if exp == "exp6.py" else ["--eval_every=5"]

@@ -11,13 +11,15 @@ import torch
 
 import train
 from configs import EXP7, UserError
-from conftest import FAST, ROOT, one_line_error, run_cli
+from conftest import FAST, ROOT, one_line_error, run_cli, synthetic_capture
 
 
 @pytest.mark.parametrize("encoding", ["frequency", "hash"])
 def test_resume_after_interruption_gives_the_same_parameters(encoding, small_cfg, tmp_path, monkeypatch):
-    if encoding == "hash":  # exp7's model and optimiser (two parameter groups, epsilon 1e-15), a small table
-        small_cfg.update({k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}, HASH_LOG2_SIZE=12)
+    if encoding == "hash":  # exp7's model and optimiser (two parameter groups, epsilon 1e-15), a small table, on a
+        # transforms.json capture: the resumed run keeps the frame the first chose from its views
+        small_cfg.update({k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}, HASH_LOG2_SIZE=12,
+                         DATA=synthetic_capture(tmp_path / "capture", list(range(16))))
     straight = {**small_cfg, "OUT_DIR": str(tmp_path / "straight")}
     train.train(straight)
     expected = torch.load(os.path.join(straight["OUT_DIR"], "ckpt.pt"), weights_only=True)

@@ -45,9 +45,9 @@ def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     # a missing all-reduce differs by about LR from step 1. Eager: compiling BitNeRF twice would triple the test's
     # time, and compiled exp6 under torchrun runs in the quick report's test. exp7: the hash table's dense gradient,
     # all-reduced. A 32^3 grid: the export's grid, measured from the model, costs 8x less
-    hashed = ["--hash_levels=6", "--hash_log2_size=12"] if exp == "exp7.py" else []
-    if exp == "exp7.py":  # and on a capture: its frame, NDC and per-view bounds, chosen alike by each rank
-        hashed += [f"--data={llff_capture(tmp_path / 'llff')[0]}", "--downscale=4"]
+    # exp7 on a made-up LLFF capture: its frame, NDC and per-view bounds, which each rank chooses alike
+    hashed = ["--hash_levels=6", "--hash_log2_size=12", f"--data={llff_capture(tmp_path / 'llff')[0]}",
+              "--downscale=4"] if exp == "exp7.py" else []
     lower = ["--lr=1e-3"] if exp == "exp6.py" else []
     # a validation split over the ranks midway: exp5 and exp7 (eager QAT, exp6, renders slowly; it validates at the end)
     midway = ["--eval_every=0"] if exp == "exp6.py" else ["--eval_every=5"]
@@ -64,6 +64,7 @@ def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
     cfg = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)["config"]
+    assert cfg["SPACE"] == ("ndc" if exp == "exp7.py" else "cube")  # exp7 trained on the capture, in its frame
     init = plain_state(train.build_model(cfg, torch.device("cpu")).state_dict())
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # it trained: the agreement is not vacuous
 

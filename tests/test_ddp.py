@@ -46,12 +46,12 @@ def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     # time, and compiled exp6 under torchrun runs in the quick report's test. exp7: the hash table's dense gradient,
     # all-reduced. A 32^3 grid: the export's grid, measured from the model, costs 8x less
     # exp7 on a made-up LLFF capture: its frame, NDC and per-view bounds, which each rank chooses alike
-    hashed = ["--hash_levels=6", "--hash_log2_size=12", f"--data={llff_capture(tmp_path / 'llff')[0]}",
-              "--downscale=4"] if exp == "exp7.py" else []
+    exp7_args = ["--hash_levels=6", "--hash_log2_size=12", f"--data={llff_capture(tmp_path / 'llff')[0]}",
+                 "--downscale=4"] if exp == "exp7.py" else []
     lower = ["--lr=1e-3"] if exp == "exp6.py" else []
     # a validation split over the ranks midway: exp5 and exp7 (eager QAT, exp6, renders slowly; it validates at the end)
     midway = ["--eval_every=0"] if exp == "exp6.py" else ["--eval_every=5"]
-    args = [exp, *TINY, *hashed, *lower, "--max_steps=10", *midway, "--ckpt_every=1000", "--compile=false",
+    args = [exp, *TINY, *exp7_args, *lower, "--max_steps=10", *midway, "--ckpt_every=1000", "--compile=false",
             "--grid_res=32"]
     log = tmp_path / "log"
     code, err = finish(torchrun(*args, f"--out_dir={tmp_path / 'ddp'}", log=log), log)

@@ -1,8 +1,11 @@
 """From a model and cameras to pixels: the scene's frame, cameras and their rays (lens distortion, NDC), sampling,
 contraction, volume rendering, the occupancy grid, camera paths, and rendering, scoring and filming views."""
+import copy
 import math
 import os
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -18,6 +21,7 @@ Rays = namedtuple("Rays", ["origins", "dirs", "viewdirs"])
 # from a generator every rank holds in the same state, then sliced, so a step does not depend on the world size.
 Shard = namedtuple("Shard", ["generator", "lo", "total"])
 ERT_BLOCK = 8  # samples per ray queried at a time under early ray termination (fewer: more, smaller model calls)
+FINE_BLOCK = 4  # the same for the fine pass's samples, which lie where the coarse pass found the surface
 SPACES = ("cube", "ndc", "contract")
 
 
@@ -183,7 +187,7 @@ def rays_for_pixels(cameras, idx, i, j, frame=None):
     """Rays through pixels (i, j) of views idx of cameras (broadcast), in the frame's space (NDC or the scene's)."""
     d = camera_directions(cameras, idx, i.to(cameras.poses.dtype), j.to(cameras.poses.dtype))
     c2w = cameras.poses[idx]
-    dirs = (c2w[..., :3, :3] @ d[..., None])[..., 0]
+    dirs = (c2w[..., :3, :3] * d[..., None, :]).sum(-1)  # not a matmul: autocast would make it bf16
     origins = c2w[..., :3, 3].expand_as(dirs)
     if frame is not None and frame.space == "ndc":
         return ndc_rays(origins, dirs, frame.ndc)
@@ -343,8 +347,9 @@ def query_points(model, points, dirs):
     return rgb[:n], sigma[:n]
 
 
-def query_kept(model, rays, t, keep, skip_zero_density=False, frame=None):
-    """The model's rgb (R, S, 3) and density (R, S) at depths t along rays; zero where keep is False (not queried).
+def query_kept(model, rays, t, keep, skip_zero_density=False, frame=None, out=None):
+    """The model's rgb (R, S, 3) and density (R, S) at depths t along rays; zero where keep is False (not queried),
+    or, with out (rgb, sigma), written into those tensors where keep is True.
 
     With skip_zero_density and gradients on, a no-grad pass first finds the samples of zero density and the
     gradient pass leaves them out: such a sample has zero weight and, under a ReLU density, zero gradient, so it
@@ -361,9 +366,8 @@ def query_kept(model, rays, t, keep, skip_zero_density=False, frame=None):
         rows, cols, points = rows[live], cols[live], points[live]
         dirs = dirs[live] if dirs is not None else None
     rgb_kept, sigma_kept = query_points(model, points, dirs)
-    rgb = torch.zeros(*keep.shape, 3, device=t.device).index_put((rows, cols), rgb_kept.float())
-    sigma = torch.zeros(keep.shape, device=t.device).index_put((rows, cols), sigma_kept.float())
-    return rgb, sigma
+    rgb, sigma = out or (torch.zeros(*keep.shape, 3, device=t.device), torch.zeros(keep.shape, device=t.device))
+    return rgb.index_put_((rows, cols), rgb_kept.float()), sigma.index_put_((rows, cols), sigma_kept.float())
 
 
 def query_all(model, rays, t, keep, frame=None):
@@ -408,8 +412,9 @@ def query_marching(model, rays, t, keep, frame, min_transmittance):
     for lo in range(0, t.shape[1], ERT_BLOCK):
         block = slice(lo, lo + ERT_BLOCK)
         queried[:, block] = keep[:, block] & (optical_depth < -math.log(min_transmittance))[:, None]
-        rgb[:, block], sigma[:, block] = query_kept(model, rays, t[:, block], queried[:, block], frame=frame)
-        optical_depth += (sigma[:, block] * deltas[:, block]).sum(-1)
+        if queried[:, block].any():  # else no model call: one on no rows costs as much as a small one
+            rgb[:, block], sigma[:, block] = query_kept(model, rays, t[:, block], queried[:, block], frame=frame)
+            optical_depth += (sigma[:, block] * deltas[:, block]).sum(-1)
     return rgb, sigma, queried
 
 
@@ -466,8 +471,7 @@ def query_unknown(model, rays, t, deltas, ask, frame, limit, rgb, sigma, known):
     ask = ask & ~known & (torch.cumsum(F.pad(tau[:, :-1], (1, 0)), dim=-1) < limit)
     if not ask.any():
         return rgb, sigma, known
-    new_rgb, new_sigma = query_kept(model, rays, t, ask, frame=frame)
-    return torch.where(ask[..., None], new_rgb, rgb), torch.where(ask, new_sigma, sigma), known | ask
+    return (*query_kept(model, rays, t, ask, frame=frame, out=(rgb, sigma)), known | ask)
 
 
 @torch.no_grad()
@@ -506,7 +510,11 @@ def render_rays_still(model, rays, frame, num_samples, background, grid=None, nu
             t_fine.shape))
         limit = -math.log(min_transmittance) if min_transmittance else math.inf
         deltas = sample_lengths(rays, t, frame)
-        for ask in (keep & fine, keep):  # the new samples, then any coarse one still unknown and maybe seen
+        # the new samples front to back, FINE_BLOCK of each ray's at a time (those behind a surface found by the
+        # first ones are not queried), then any coarse sample still unknown and maybe seen
+        rank = torch.cumsum(fine, -1)
+        groups = range(FINE_BLOCK if min_transmittance else num_fine, num_fine + FINE_BLOCK, FINE_BLOCK)
+        for ask in [keep & fine & (rank <= k) for k in groups] + [keep]:
             rgb, sigma, known = query_unknown(model, rays, t, deltas, ask, frame, limit, rgb, sigma, known)
     rgb_out[live], depth_out[live], acc_out[live] = volume_render(rgb, sigma, t, frame.end(), background, scale)[:3]
     return rgb_out, depth_out, acc_out
@@ -514,17 +522,25 @@ def render_rays_still(model, rays, frame, num_samples, background, grid=None, nu
 
 @torch.no_grad()
 def render_image(model, camera, frame, num_samples, background, chunk, grid=None, num_fine=0,
-                 min_transmittance=0.0, stop=None):
+                 min_transmittance=0.0, stop=None, amp=None, chunk_map=map):
     """Render view 0 of camera CHUNK rays at a time (memory independent of image size); rgb (H,W,3), depth,
-    opacity. `stop`, asked before each chunk, abandons the image (None is returned) when it answers True."""
+    opacity. `stop`, asked before each chunk, abandons the image (None is returned) when it answers True. Each chunk
+    renders under the `amp` context (autocast is per thread) and chunk_map maps over them (views_in_parallel's
+    renders several at once)."""
     H, W = camera.hw()
     rays = get_rays(camera, 0, frame)
-    outs = []
-    for r in zip(*(x.split(chunk) for x in rays), strict=True):
+
+    def render_chunk(r):
+        """One chunk's rgb, depth and opacity; None once stop answers True."""
         if stop is not None and stop():
             return None
-        outs.append(render_rays_still(model, Rays(*r), frame, num_samples, background, grid, num_fine,
-                                      min_transmittance))
+        with copy.copy(amp) if amp is not None else nullcontext():  # a context object is entered once at a time
+            return render_rays_still(model, Rays(*r), frame, num_samples, background, grid, num_fine,
+                                     min_transmittance)
+
+    outs = list(chunk_map(render_chunk, zip(*(x.split(chunk) for x in rays), strict=True)))
+    if any(out is None for out in outs):
+        return None
     rgb, depth, acc = (torch.cat(x) for x in zip(*outs, strict=True))
     return rgb.reshape(H, W, 3), depth.reshape(H, W), acc.reshape(H, W)
 
@@ -612,19 +628,39 @@ def rebuild_grid(model, cfg, frame, device, passes=16):
     return grid
 
 
-def render_view(model, camera, scene, cfg, grid, amp, stop=None):
-    """Render view 0 of camera with the config's sampling, under amp (stop: see render_image)."""
-    with amp:
-        return render_image(model, camera, scene.frame, cfg["NUM_SAMPLES"], scene.background, cfg["CHUNK"], grid,
-                            cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"], stop)
+def render_view(model, camera, scene, cfg, grid, amp, stop=None, chunk_map=map):
+    """Render view 0 of camera with the config's sampling, under amp (stop, chunk_map: see render_image)."""
+    return render_image(model, camera, scene.frame, cfg["NUM_SAMPLES"], scene.background, cfg["CHUNK"], grid,
+                        cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"], stop, amp, chunk_map)
 
 
-def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None, rank=0, world=1):
+@contextmanager
+def chunks_in_parallel(threads):
+    """A map over a view's chunks of rays: on `threads` Python threads, with torch's intra-op threads set to 1 while
+    it is open (threads > 1), else the built-in map.
+
+    On a CPU a chunk's many small ops scale poorly over intra-op threads, while chunks are independent: two threads
+    of one chunk each beat one chunk on two threads (docs/fullres.md). torch's ops release the GIL. The setting is
+    the process's: not for use while other work (training) runs."""
+    if threads <= 1:
+        yield map
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            yield pool.map
+    finally:
+        torch.set_num_threads(before)
+
+
+def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=None, rank=0, world=1, threads=1):
     """Mean per-view PSNR and SSIM over the first n_views of a split (all by default), plus view 0's renders.
 
     The scores also list each view's ("per_view", of this rank's views). Under DDP each rank renders every
     world-th view and the sums are all-reduced. With save_dir, each render and its depth picture are also written
-    there as PNG.
+    there as PNG. threads > 1 renders that many chunks of a view at once (chunks_in_parallel; not for a compiled
+    model).
     """
     import imageio.v2 as imageio
 
@@ -632,16 +668,17 @@ def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=N
         os.makedirs(save_dir, exist_ok=True)
     model.eval()
     per_view, first = [], None
-    for k in range(rank, len(views) if n_views is None else min(n_views, len(views)), world):
-        rgb, depth, acc = render_view(model, views.cameras[k], scene, cfg, grid, amp)
-        target = views.image(k)
-        per_view.append({"view": k, "psnr": psnr(rgb, target), "ssim": ssim(rgb, target)})
-        if first is None or save_dir:  # the depth picture only where it is shown or saved
-            depth = depth_image(depth, acc, *scene.frame.depth_range())
-            first = first or (rgb, target, depth)
-        if save_dir:
-            imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
-            imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth)
+    with chunks_in_parallel(threads) as chunk_map:
+        for k in range(rank, len(views) if n_views is None else min(n_views, len(views)), world):
+            rgb, depth, acc = render_view(model, views.cameras[k], scene, cfg, grid, amp, chunk_map=chunk_map)
+            target = views.image(k)
+            per_view.append({"view": k, "psnr": psnr(rgb, target), "ssim": ssim(rgb, target)})
+            if first is None or save_dir:  # the depth picture only where it is shown or saved
+                depth = depth_image(depth, acc, *scene.frame.depth_range())
+                first = first or (rgb, target, depth)
+            if save_dir:
+                imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
+                imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth)
     model.train()
     sums = [sum(v["psnr"] for v in per_view), sum(v["ssim"] for v in per_view), len(per_view)]
     total_psnr, total_ssim, count = all_reduce(sums) if world > 1 else sums

@@ -29,7 +29,8 @@ from render import Cameras, Frame, camera_directions, distort, get_rays
 
 def score(run, data=None, split="auto"):
     """eval.py's result for a run on data (default: its own) and split."""
-    return evaluate.run(argparse.Namespace(ckpt=run, data=data, split=split, out=None, device="cpu", per_view=False))
+    return evaluate.run(argparse.Namespace(ckpt=run, data=data, split=split, out=None, device="cpu", per_view=False,
+                                           threads=None))
 
 
 @pytest.fixture

@@ -63,7 +63,7 @@ def test_eval_names_the_protocol_and_reads_only_the_split_it_scores(folder_run, 
     real = dataset.load_blender_split
     monkeypatch.setattr(dataset, "load_blender_split", lambda f, split, *a: read.append(split) or real(f, split, *a))
     result = evaluate.run(argparse.Namespace(ckpt=cfg["OUT_DIR"], data=folder, split="auto", out=None, device="cpu",
-                                             per_view=True))
+                                             per_view=True, threads=None))
     assert read == ["test"]  # not the 6 training images
     assert {k: result[k] for k in ("split", "views", "resolution", "background", "data")} == \
         {"split": "test", "views": 6, "resolution": "16x16", "background": "white", "data": folder}

@@ -131,7 +131,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="also save each render and its depth map as PNG here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="chunks of rays rendered at once, each on one "
-                   "thread (default: torch's thread count on a CPU, 1 on CUDA)")
+                   "thread (default: torch's thread count on a CPU, measured on 2 cores only; 1 on CUDA)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     args = p.parse_args(argv)
     try:

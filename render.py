@@ -349,7 +349,7 @@ def query_points(model, points, dirs):
 
 def query_kept(model, rays, t, keep, skip_zero_density=False, frame=None, out=None):
     """The model's rgb (R, S, 3) and density (R, S) at depths t along rays; zero where keep is False (not queried),
-    or, with out (rgb, sigma), written into those tensors where keep is True.
+    or, with out (rgb, sigma), written into those tensors where keep is True (rendering: no skip_zero_density).
 
     With skip_zero_density and gradients on, a no-grad pass first finds the samples of zero density and the
     gradient pass leaves them out: such a sample has zero weight and, under a ReLU density, zero gradient, so it
@@ -466,7 +466,7 @@ def query_unknown(model, rays, t, deltas, ask, frame, limit, rgb, sigma, known):
     """Query the asked samples whose values are not yet known and that may still be seen: the optical depth before
     them (sigma times the samples' lengths, deltas), summed over the known samples alone (the others count 0: a
     lower bound), is below limit. Samples whose bound reaches it are behind transmittance exp(-limit) whatever the
-    unknown values are."""
+    unknown values are. rgb and sigma are updated in place."""
     tau = sigma * deltas
     ask = ask & ~known & (torch.cumsum(F.pad(tau[:, :-1], (1, 0)), dim=-1) < limit)
     if not ask.any():
@@ -511,7 +511,8 @@ def render_rays_still(model, rays, frame, num_samples, background, grid=None, nu
         limit = -math.log(min_transmittance) if min_transmittance else math.inf
         deltas = sample_lengths(rays, t, frame)
         # the new samples front to back, FINE_BLOCK of each ray's at a time (those behind a surface found by the
-        # first ones are not queried), then any coarse sample still unknown and maybe seen
+        # first ones are not queried; without early termination, all at once), then any coarse sample still unknown
+        # and maybe seen
         rank = torch.cumsum(fine, -1)
         groups = range(FINE_BLOCK if min_transmittance else num_fine, num_fine + FINE_BLOCK, FINE_BLOCK)
         for ask in [keep & fine & (rank <= k) for k in groups] + [keep]:
@@ -524,8 +525,8 @@ def render_rays_still(model, rays, frame, num_samples, background, grid=None, nu
 def render_image(model, camera, frame, num_samples, background, chunk, grid=None, num_fine=0,
                  min_transmittance=0.0, stop=None, amp=None, chunk_map=map):
     """Render view 0 of camera CHUNK rays at a time (memory independent of image size); rgb (H,W,3), depth,
-    opacity. `stop`, asked before each chunk, abandons the image (None is returned) when it answers True. Each chunk
-    renders under the `amp` context (autocast is per thread) and chunk_map maps over them (views_in_parallel's
+    opacity. `stop` is asked before each chunk: any True abandons the image (None is returned). Each chunk
+    renders under the `amp` context (autocast is per thread) and chunk_map maps over them (chunks_in_parallel's
     renders several at once)."""
     H, W = camera.hw()
     rays = get_rays(camera, 0, frame)

@@ -436,17 +436,29 @@ def test_rendering_queries_fine_samples_front_to_back_and_never_an_empty_batch(m
 
 
 def test_chunks_rendered_on_threads_are_those_rendered_one_at_a_time():
-    """eval.py renders a view's chunks on several single-threaded Python threads: the same image, in order, and the
-    process's thread count is restored afterwards; a stop still abandons the image."""
+    """eval.py renders a view's chunks on several single-threaded Python threads: the same image, in order, each chunk
+    under the run's autocast (which a new thread does not inherit); the process's thread count is restored
+    afterwards, and a stop still abandons the image."""
+    seen = []
+
+    class Recording(Blob):
+        def forward(self, x, d=None):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_num_threads()))
+            return super().forward(x, d)
+
     camera = pinhole(pose_spherical(40.0, -30.0, 4.0), 24, 20, 30.0)
     grid = OccupancyGrid(bound=1.5, resolution=32, sigma_threshold=-math.log(0.99) / (4.0 / 64))
     grid.update(Blob(), decay=1.0, generator=torch.Generator().manual_seed(0))
-    args = (Blob(), camera, Frame(), 64, torch.ones(3), 37, grid, 16, 1e-4)
-    one_at_a_time, before = render_image(*args), torch.get_num_threads()
-    asked = []
+    args, amp = (Recording(), camera, Frame(), 64, torch.ones(3), 37, grid, 16, 1e-4), torch.autocast(
+        "cpu", dtype=torch.bfloat16)
+    before = torch.get_num_threads()
+    one_at_a_time = render_image(*args, amp=amp)
+    assert set(seen) == {(True, before)}
+    seen[:], asked = [], []
     with chunks_in_parallel(2) as chunk_map:
-        threaded = render_image(*args, chunk_map=chunk_map)
-        stopped = render_image(*args, stop=lambda: asked.append(1) or len(asked) > 3, chunk_map=chunk_map)
+        threaded = render_image(*args, amp=amp, chunk_map=chunk_map)
+        assert set(seen) == {(True, 1)}
+        stopped = render_image(*args, stop=lambda: asked.append(1) or len(asked) > 3, amp=amp, chunk_map=chunk_map)
     assert torch.get_num_threads() == before and stopped is None
     for a, b in zip(threaded, one_at_a_time, strict=True):
         assert a.shape == b.shape and (a - b).abs().max() < 1e-5

@@ -669,17 +669,17 @@ def evaluate_views(model, views, scene, cfg, grid, amp, n_views=None, save_dir=N
         os.makedirs(save_dir, exist_ok=True)
     model.eval()
     per_view, first = [], None
-    with chunks_in_parallel(threads) as chunk_map:
-        for k in range(rank, len(views) if n_views is None else min(n_views, len(views)), world):
+    for k in range(rank, len(views) if n_views is None else min(n_views, len(views)), world):
+        with chunks_in_parallel(threads) as chunk_map:  # the scores below keep torch's threads
             rgb, depth, acc = render_view(model, views.cameras[k], scene, cfg, grid, amp, chunk_map=chunk_map)
-            target = views.image(k)
-            per_view.append({"view": k, "psnr": psnr(rgb, target), "ssim": ssim(rgb, target)})
-            if first is None or save_dir:  # the depth picture only where it is shown or saved
-                depth = depth_image(depth, acc, *scene.frame.depth_range())
-                first = first or (rgb, target, depth)
-            if save_dir:
-                imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
-                imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth)
+        target = views.image(k)
+        per_view.append({"view": k, "psnr": psnr(rgb, target), "ssim": ssim(rgb, target)})
+        if first is None or save_dir:  # the depth picture only where it is shown or saved
+            depth = depth_image(depth, acc, *scene.frame.depth_range())
+            first = first or (rgb, target, depth)
+        if save_dir:
+            imageio.imwrite(os.path.join(save_dir, f"{k:03d}.png"), to_uint8(rgb))
+            imageio.imwrite(os.path.join(save_dir, f"{k:03d}_depth.png"), depth)
     model.train()
     sums = [sum(v["psnr"] for v in per_view), sum(v["ssim"] for v in per_view), len(per_view)]
     total_psnr, total_ssim, count = all_reduce(sums) if world > 1 else sums

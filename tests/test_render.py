@@ -335,13 +335,19 @@ def test_depth_pictures_show_the_surface_depth_and_the_background_as_far():
     assert (depth_image(torch.tensor([[2.4]]), torch.tensor([[0.6]]), 2.0, 6.0) == img[0, 2]).all()
 
 
+def measured_grid(model):
+    """A 32^3 occupancy grid over the cube, from one full pass over the model's density (64 samples over depths 2-6)."""
+    grid = OccupancyGrid(bound=1.5, resolution=32, sigma_threshold=-math.log(0.99) / (4.0 / 64))
+    grid.update(model, decay=1.0, generator=torch.Generator().manual_seed(0))
+    return grid
+
+
 @pytest.mark.parametrize("min_transmittance", [0.0, 1e-4])
 def test_rendering_reuses_the_coarse_samples_and_skips_empty_rays_with_the_two_pass_render(min_transmittance):
     """render_image queries the fine pass's new samples only, and no ray that meets no occupied cell: the render of
     render_rays' two passes (which query the coarse samples again), within early termination's tolerance."""
     c2w = pose_spherical(40.0, -30.0, 4.0)
-    grid = OccupancyGrid(bound=1.5, resolution=32, sigma_threshold=-math.log(0.99) / (4.0 / 64))
-    grid.update(Blob(), decay=1.0, generator=torch.Generator().manual_seed(0))
+    grid = measured_grid(Blob())
     queried = []
 
     class Counting(Blob):
@@ -418,8 +424,7 @@ def test_rendering_queries_fine_samples_front_to_back_and_never_an_empty_batch(m
     """The fine pass's samples go to the model a few per ray at a time: those behind the surface the first ones find
     are not queried. No query is made of zero points (one costs a model call)."""
     camera = pinhole(pose_spherical(40.0, -30.0, 4.0), 16, 16, 40.0)
-    grid = OccupancyGrid(bound=1.5, resolution=32, sigma_threshold=-math.log(0.99) / (4.0 / 64))
-    grid.update(HardBlob(), decay=1.0, generator=torch.Generator().manual_seed(0))
+    grid = measured_grid(HardBlob())
     with torch.no_grad():
         two_pass = render_rays(HardBlob(), get_rays(camera), Frame(), 64, torch.ones(3), grid=grid, num_fine=16,
                                min_transmittance=1e-4)
@@ -447,8 +452,7 @@ def test_chunks_rendered_on_threads_are_those_rendered_one_at_a_time():
             return super().forward(x, d)
 
     camera = pinhole(pose_spherical(40.0, -30.0, 4.0), 24, 20, 30.0)
-    grid = OccupancyGrid(bound=1.5, resolution=32, sigma_threshold=-math.log(0.99) / (4.0 / 64))
-    grid.update(Blob(), decay=1.0, generator=torch.Generator().manual_seed(0))
+    grid = measured_grid(Blob())
     args, amp = (Recording(), camera, Frame(), 64, torch.ones(3), 37, grid, 16, 1e-4), torch.autocast(
         "cpu", dtype=torch.bfloat16)
     before = torch.get_num_threads()

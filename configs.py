@@ -47,7 +47,8 @@ EXP1 = {
     "SCENE_BOUND": 0.0,          # the model's cube [-b, b]^3 (0 = the data's: 1.5 Blender, 1 NDC, from aabb_scale)
     "GRID_RES": 64,              # occupancy grid cells per axis
     "SKIP_ZERO_DENSITY": False,  # training: a no-grad pass drops the samples of zero ReLU density (no gradient) first
-    "ERT_TRANSMITTANCE": 1e-4,   # rendering stops querying a ray once its transmittance is below this (0 = off)
+    "ERT_TRANSMITTANCE": 1e-4,   # a ray is no longer queried once its transmittance is below this: rendering, and
+                                 # with NUM_FINE training too (from the coarse pass's estimate); 0 = off
     # optimisation
     "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
     "LR": 2e-3,                  # peak AdamW learning rate (of the MLP, under ENCODING=hash)

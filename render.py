@@ -419,14 +419,15 @@ def query_marching(model, rays, t, keep, frame, min_transmittance):
 
 
 def shade(model, rays, t, frame, background, grid=None, min_transmittance=0.0, skip_zero_density=False,
-          fixed_shapes=False):
-    """Query the model at depths t (only where the occupancy grid says there may be density) and composite.
+          fixed_shapes=False, until=None):
+    """Query the model at depths t (only where the occupancy grid says there may be density, and short of `until`
+    (R,) where given) and composite.
 
     With min_transmittance > 0 and no gradients (rendering), early ray termination (see query_marching).
     With fixed_shapes (training under a CUDA graph) every sample is queried and the culled ones zeroed instead
     (query_all): the same result, with shapes that do not depend on the grid.
     """
-    keep = occupancy(grid, rays, t)
+    keep = occupancy(grid, rays, t) if until is None else occupancy(grid, rays, t) & (t < until[:, None])
     scale = direction_scale(rays, frame)
     if fixed_shapes:
         return volume_render(*query_all(model, rays, t, keep, frame), t, frame.end(), background, scale)
@@ -442,18 +443,31 @@ def render_rays(model, rays, frame, num_samples, background, generator=None, gri
     """Render rays: stratified samples, and with num_fine a coarse -> fine pass as in the NeRF paper.
 
     The coarse pass runs without gradients through the same model; its weights place num_fine more
-    samples, and the loss sees the union of both sets (so empty space is still supervised).
-    min_transmittance turns on early ray termination when rendering (see shade); skip_zero_density leaves the
+    samples, and the loss sees the union of both sets (so empty space is still supervised). With min_transmittance,
+    training (gradients on) queries the union only up to where the coarse pass found a ray's transmittance below it
+    (stop_depths: the coarse samples' estimate, as Instant-NGP and nerfacc stop a training ray), and rendering
+    terminates rays early on the samples themselves in both passes (see shade). skip_zero_density leaves the
     samples of zero density out of the gradient pass when training (see query_kept); fixed_shapes queries every
     sample instead of compacting the kept ones (see shade), for a CUDA graph.
     Returns rgb (R, 3), depth (R,), opacity (R,).
     """
-    t = sample_along_rays(rays, frame, num_samples, generator)
+    t, until, training = sample_along_rays(rays, frame, num_samples, generator), None, torch.is_grad_enabled()
     if num_fine:
-        with torch.no_grad():
-            weights = shade(model, rays, t, frame, background, grid, min_transmittance, fixed_shapes=fixed_shapes)[3]
+        with torch.no_grad():  # training's coarse pass in one call: marching it in blocks measured slower
+            weights = shade(model, rays, t, frame, background, grid, 0.0 if training else min_transmittance,
+                            fixed_shapes=fixed_shapes)[3]
+        until = stop_depths(t, weights, min_transmittance) if min_transmittance and training else None
         t = torch.sort(torch.cat([t, sample_pdf(t, weights, frame.far, num_fine, generator)], dim=-1), dim=-1).values
-    return shade(model, rays, t, frame, background, grid, min_transmittance, skip_zero_density, fixed_shapes)[:3]
+    return shade(model, rays, t, frame, background, grid, min_transmittance, skip_zero_density, fixed_shapes,
+                 until)[:3]
+
+
+def stop_depths(t, weights, min_transmittance):
+    """The depth (R,) by which each ray's transmittance (1 - the weights so far) has fallen below min_transmittance:
+    the end of the first sample's segment past which it has (the next sample's depth); inf where none has, or where
+    that segment is the last one (it runs to far)."""
+    seen = (1 - torch.cumsum(weights, -1) >= min_transmittance).sum(-1, keepdim=True)  # samples before that one
+    return torch.where(seen + 1 < t.shape[1], t.gather(-1, (seen + 1).clamp_max(t.shape[1] - 1)), math.inf)[:, 0]
 
 
 def by_depth(order, coarse, fine):

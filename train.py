@@ -608,8 +608,8 @@ class Trainer:
         with self.amp:
             rgb, _, acc = render_rays(self.net, rays, self.scene.frame, cfg["NUM_SAMPLES"],
                                       self.scene.background, Shard(self.generator, lo, cfg["BATCH_SIZE"]), self.grid,
-                                      cfg["NUM_FINE"], fixed_shapes=self.graphed,
-                                      skip_zero_density=skips_zero_density(cfg))
+                                      cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"], skips_zero_density(cfg),
+                                      self.graphed)
         mse = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
         reg = cfg["OPACITY_REG"] * (acc * (1 - acc)).mean() if cfg["OPACITY_REG"] else torch.zeros_like(mse)
         loss = mse + reg if cfg["OPACITY_REG"] else mse

@@ -467,3 +467,32 @@ def test_chunks_rendered_on_threads_are_those_rendered_one_at_a_time():
     for a, b in zip(threaded, one_at_a_time, strict=True):
         assert a.shape == b.shape and (a - b).abs().max() < 1e-5
     assert (one_at_a_time[2] > 0.5).any() and (one_at_a_time[2] < 0.5).any()
+
+
+def test_training_stops_each_ray_where_the_coarse_pass_found_it_opaque(monkeypatch):
+    """With min_transmittance, training's gradient pass leaves out the samples behind the depth where the coarse pass
+    found a ray's transmittance below it: far fewer points, the same colours and gradients within that tolerance."""
+    t, weights = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 2), torch.tensor([[0.5, 0.49995, 4e-5, 0], [0.1] * 4])
+    assert render.stop_depths(t, weights, 1e-4).tolist() == [3.0, math.inf]  # opaque from sample 1's segment's end
+
+    class Scaled(HardBlob):
+        def __init__(self):
+            super().__init__()
+            self.colour, self.density = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, d=None):
+            rgb, sigma = super().forward(x, d)
+            return rgb * self.colour, sigma * self.density
+
+    rays = get_rays(pinhole(pose_spherical(40.0, -30.0, 4.0), 16, 16, 80.0))  # the blob fills most of the view
+    target, sizes, runs = torch.rand(256, 3), count_queried_points(monkeypatch), []
+    for min_transmittance in (0.0, 1e-4):
+        model = Scaled()
+        rgb, _, acc = render_rays(model, rays, Frame(), 64, torch.ones(3), torch.Generator().manual_seed(0),
+                                  num_fine=16, min_transmittance=min_transmittance)
+        torch.nn.functional.mse_loss(rgb, target).backward()
+        runs.append((rgb.detach(), acc.detach(), sizes[-1], model.colour.grad, model.density.grad))
+    (rgb, acc, n_all, colour, density), (rgb_cut, acc_cut, n_cut, colour_cut, density_cut) = runs
+    assert (acc > 0.999).float().mean() > 0.7 and n_cut < 0.7 * n_all  # the gradient pass is the last query
+    assert (rgb - rgb_cut).abs().max() < 1e-3 and (acc - acc_cut).abs().max() < 1e-3
+    assert torch.allclose(colour, colour_cut, rtol=1e-3) and torch.allclose(density, density_cut, rtol=1e-2, atol=1e-6)

@@ -421,21 +421,20 @@ def query_marching(model, rays, t, keep, frame, min_transmittance):
 def shade(model, rays, t, frame, background, grid=None, min_transmittance=0.0, skip_zero_density=False,
           fixed_shapes=False, until=None):
     """Query the model at depths t (only where the occupancy grid says there may be density, and short of `until`
-    (R,) where given) and composite.
+    (R,) where given) and composite: volume_render's rgb, depth, opacity and weights, then the densities (R, S).
 
     With min_transmittance > 0 and no gradients (rendering), early ray termination (see query_marching).
     With fixed_shapes (training under a CUDA graph) every sample is queried and the culled ones zeroed instead
     (query_all): the same result, with shapes that do not depend on the grid.
     """
     keep = occupancy(grid, rays, t) if until is None else occupancy(grid, rays, t) & (t < until[:, None])
-    scale = direction_scale(rays, frame)
     if fixed_shapes:
-        return volume_render(*query_all(model, rays, t, keep, frame), t, frame.end(), background, scale)
-    if not min_transmittance or torch.is_grad_enabled():
+        rgb, sigma = query_all(model, rays, t, keep, frame)
+    elif not min_transmittance or torch.is_grad_enabled():
         rgb, sigma = query_kept(model, rays, t, keep, skip_zero_density, frame)
     else:
         rgb, sigma, _ = query_marching(model, rays, t, keep, frame, min_transmittance)
-    return volume_render(rgb, sigma, t, frame.end(), background, scale)
+    return *volume_render(rgb, sigma, t, frame.end(), background, direction_scale(rays, frame)), sigma
 
 
 def render_rays(model, rays, frame, num_samples, background, generator=None, grid=None, num_fine=0,
@@ -445,28 +444,34 @@ def render_rays(model, rays, frame, num_samples, background, generator=None, gri
     The coarse pass runs without gradients through the same model; its weights place num_fine more
     samples, and the loss sees the union of both sets (so empty space is still supervised). With min_transmittance,
     training (gradients on) queries the union only up to where the coarse pass found a ray's transmittance below it
-    (stop_depths: the coarse samples' estimate, as Instant-NGP and nerfacc stop a training ray), and rendering
-    terminates rays early on the samples themselves in both passes (see shade). skip_zero_density leaves the
-    samples of zero density out of the gradient pass when training (see query_kept); fixed_shapes queries every
-    sample instead of compacting the kept ones (see shade), for a CUDA graph.
+    (stop_depths; Instant-NGP and nerfacc stop a training ray likewise, on its own samples), and rendering terminates
+    rays early on the samples themselves in both passes (see shade). skip_zero_density leaves the samples of zero
+    density out of the gradient pass when training (see query_kept); fixed_shapes queries every sample instead of
+    compacting the kept ones (see shade), for a CUDA graph.
     Returns rgb (R, 3), depth (R,), opacity (R,).
     """
     t, until, training = sample_along_rays(rays, frame, num_samples, generator), None, torch.is_grad_enabled()
     if num_fine:
         with torch.no_grad():  # training's coarse pass in one call: marching it in blocks measured slower
-            weights = shade(model, rays, t, frame, background, grid, 0.0 if training else min_transmittance,
-                            fixed_shapes=fixed_shapes)[3]
-        until = stop_depths(t, weights, min_transmittance) if min_transmittance and training else None
+            *_, weights, sigma = shade(model, rays, t, frame, background, grid,
+                                       0.0 if training else min_transmittance, fixed_shapes=fixed_shapes)
+        if min_transmittance and training:
+            until = stop_depths(t, sigma * sample_lengths(rays, t, frame), min_transmittance)
         t = torch.sort(torch.cat([t, sample_pdf(t, weights, frame.far, num_fine, generator)], dim=-1), dim=-1).values
     return shade(model, rays, t, frame, background, grid, min_transmittance, skip_zero_density, fixed_shapes,
                  until)[:3]
 
 
-def stop_depths(t, weights, min_transmittance):
-    """The depth (R,) by which each ray's transmittance (1 - the weights so far) has fallen below min_transmittance:
-    the end of the first sample's segment past which it has (the next sample's depth); inf where none has, or where
-    that segment is the last one (it runs to far)."""
-    seen = (1 - torch.cumsum(weights, -1) >= min_transmittance).sum(-1, keepdim=True)  # samples before that one
+def stop_depths(t, tau, min_transmittance):
+    """The depth (R,) by which each ray's transmittance has fallen below min_transmittance even without its densest
+    sample so far, from the samples' optical depths tau (R, S): the end of the first segment past which it has (the
+    next sample's depth); inf where none has, or where that segment is the last one (it runs to far).
+
+    Leaving the densest sample out keeps a layer thinner than the samples' spacing, which one coarse sample sees as
+    opaque over its whole segment while the joined samples see through it, from cutting the ray short.
+    """
+    optical_depth = torch.cumsum(tau, -1) - torch.cummax(tau, -1).values  # never decreasing
+    seen = (optical_depth <= -math.log(min_transmittance)).sum(-1, keepdim=True)  # the samples before that one
     return torch.where(seen + 1 < t.shape[1], t.gather(-1, (seen + 1).clamp_max(t.shape[1] - 1)), math.inf)[:, 0]
 
 

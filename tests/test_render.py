@@ -371,19 +371,22 @@ def test_rendering_reuses_the_coarse_samples_and_skips_empty_rays_with_the_two_p
     assert (acc.reshape(-1) - two_pass[2]).abs().max() < 5e-3 and (depth.reshape(-1) - two_pass[1]).abs().mean() < 1e-3
 
 
+class ShellAndWall(torch.nn.Module):
+    """A dense shell thinner than the fine samples' spacing around coarse sample 10 of 64 (from depth 2, along -z
+    from z = 4), and a red wall behind it."""
+
+    use_viewdirs = False
+
+    def forward(self, x, d=None):
+        shell = (x[:, 2] - (4 - 2.65625)).abs() < 0.002
+        wall = x[:, 2] < 0
+        rgb = torch.stack([wall.float(), shell.float(), torch.zeros_like(x[:, 0])], -1)
+        return rgb, 500.0 * shell + 50.0 * wall
+
+
 def test_rendering_sees_past_a_thin_shell_the_coarse_pass_stopped_at():
     """A dense shell thinner than the fine samples' spacing, on one coarse sample: the coarse pass's early
     termination stops there, but the joined samples let light through to the wall behind, as render_rays shows."""
-
-    class ShellAndWall(torch.nn.Module):
-        use_viewdirs = False
-
-        def forward(self, x, d=None):
-            shell = (x[:, 2] - (4 - 2.65625)).abs() < 0.002  # around coarse sample 10 of 64 from depth 2
-            wall = x[:, 2] < 0
-            rgb = torch.stack([wall.float(), shell.float(), torch.zeros_like(x[:, 0])], -1)
-            return rgb, 500.0 * shell + 50.0 * wall
-
     origins = torch.tensor([[0.0, 0.0, 4.0], [0.3, -0.2, 4.0]])
     rays = rays_of(origins, torch.tensor([[0.0, 0.0, -1.0]]).expand(2, 3))
     with torch.no_grad():
@@ -471,9 +474,11 @@ def test_chunks_rendered_on_threads_are_those_rendered_one_at_a_time():
 
 def test_training_stops_each_ray_where_the_coarse_pass_found_it_opaque(monkeypatch):
     """With min_transmittance, training's gradient pass leaves out the samples behind the depth where the coarse pass
-    found a ray's transmittance below it: far fewer points, the same colours and gradients within that tolerance."""
-    t, weights = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 2), torch.tensor([[0.5, 0.49995, 4e-5, 0], [0.1] * 4])
-    assert render.stop_depths(t, weights, 1e-4).tolist() == [3.0, math.inf]  # opaque from sample 1's segment's end
+    found a ray's transmittance below it: far fewer points, the same colours and gradients within that tolerance.
+    Not behind a layer that only one coarse sample sees: it may be thinner than their spacing (a thin shell)."""
+    t, tau = torch.tensor([[1.0, 2.0, 3.0, 4.0]] * 3), torch.tensor([[1, 20, 20, 0], [0, 30, 0, 0.5], [0.1] * 4])
+    # opaque without its densest sample from sample 2's segment's end; a shell alone, or never opaque: no stop
+    assert render.stop_depths(t, tau, 1e-4).tolist() == [4.0, math.inf, math.inf]
 
     class Scaled(HardBlob):
         def __init__(self):
@@ -496,3 +501,6 @@ def test_training_stops_each_ray_where_the_coarse_pass_found_it_opaque(monkeypat
     assert (acc > 0.999).float().mean() > 0.7 and n_cut < 0.7 * n_all  # the gradient pass is the last query
     assert (rgb - rgb_cut).abs().max() < 1e-3 and (acc - acc_cut).abs().max() < 1e-3
     assert torch.allclose(colour, colour_cut, rtol=1e-3) and torch.allclose(density, density_cut, rtol=1e-2, atol=1e-6)
+    shell = [render_rays(ShellAndWall(), rays_of(torch.tensor([[0.0, 0.0, 4.0]]), torch.tensor([[0.0, 0.0, -1.0]])),
+                         Frame(), 64, torch.zeros(3), num_fine=16, min_transmittance=m)[0] for m in (0.0, 1e-4)]
+    assert shell[0][0, 0] > 0.01 and (shell[0] - shell[1]).abs().max() < 1e-4  # the wall still shows through

@@ -12,6 +12,7 @@ docs/viewer.md.
 import argparse
 import ipaddress
 import math
+import signal
 import socket
 import sys
 import time
@@ -384,6 +385,8 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:  # while loading: nothing to stop yet
         sys.exit(130)
+    # Ctrl-C stops it even where the parent ignored SIGINT (Python then keeps SIG_IGN): the viewer test saw that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"viewer of {args.ckpt} at http://{args.host}:{viewer.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     try:
         while True:

@@ -376,6 +376,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     args = p.parse_args(argv)
+    # Ctrl-C stops it even where the parent ignored SIGINT (Python then keeps SIG_IGN): the viewer test saw that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         viewer = open_viewer(args.ckpt, args.host, args.port, args.max_res, args.frame_s, args.device)
     except UserError as e:
@@ -385,8 +387,6 @@ def main(argv=None):
         sys.exit(2)
     except KeyboardInterrupt:  # while loading: nothing to stop yet
         sys.exit(130)
-    # Ctrl-C stops it even where the parent ignored SIGINT (Python then keeps SIG_IGN): the viewer test saw that
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"viewer of {args.ckpt} at http://{args.host}:{viewer.port} (Ctrl-C stops it)", file=sys.stderr, flush=True)
     try:
         while True:

@@ -109,7 +109,7 @@ def test_view_py_listens_on_loopback_serves_its_page_and_stops_cleanly(hash_run)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)  # it once took over 30 s under the suite's load (cause not found)
+            proc.wait(timeout=60)  # generous under the suite's load
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack: where it hangs
             proc.wait(timeout=30)

@@ -8,7 +8,7 @@ import os
 import sys
 import urllib.request
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -442,8 +442,9 @@ def to_frame(poses, transform):
 
 def forward_frame(c2w, intrinsics, sizes, bounds):
     """The frame NeRF gives an LLFF capture: scaled so the nearest depth bound is 1 / 0.75, centred on the mean
-    pose (its axes the scene's); NDC of the first camera, depths 0..1 (near plane to infinity), its spiral focused at
-    NeRF's depth (the harmonic mean of 0.9 x the nearest and 5 x the farthest bound, weighted 1 : 3)."""
+    pose (its axes the scene's); NDC of the first camera (load_capture then fits it: fit_ndc), depths 0..1 (near
+    plane to infinity), its spiral focused at NeRF's depth (the harmonic mean of 0.9 x the nearest and 5 x the
+    farthest bound, weighted 1 : 3)."""
     scale = 1 / (bounds.min() * 0.75)
     center = c2w[:, :3, 3].mean(0)
     back = normalize(c2w[:, :3, 2].sum(0))
@@ -511,6 +512,26 @@ def capture_frame(c2w, intrinsics, sizes, bounds, space):
     return forward_frame(c2w, intrinsics, sizes, bounds)
 
 
+def border_pixels(hw):
+    """Column and row indices (i, j) of the pixels on an image's border."""
+    H, W = hw
+    i = torch.cat([torch.arange(W), torch.arange(W), torch.zeros(H), torch.full((H,), W - 1)])
+    j = torch.cat([torch.zeros(W), torch.full((W,), H - 1), torch.arange(H), torch.arange(H)])
+    return i.long(), j.long()
+
+
+def fit_ndc(frame, cameras):
+    """The NDC frame widened (or narrowed) so the training views' rays span exactly [-1, 1] in x and y, as DVGO
+    bounds its NDC grid by the cameras' frusta: the hash grid clamps points outside its cube to its faces, and
+    the reference camera's frustum alone left a tenth of an LLFF capture's samples there (docs/captures.md)."""
+    reach = torch.zeros(2)
+    for k in range(len(cameras)):
+        rays = rays_for_pixels(cameras, k, *border_pixels(cameras.hw(k)), frame)
+        for end in (rays.origins, rays.origins + rays.dirs):  # a ray's NDC x and y move linearly from t = 0 to 1
+            reach = torch.maximum(reach, end[:, :2].abs().amax(0))
+    return replace(frame, ndc=[frame.ndc[0] / float(reach[0]), frame.ndc[1] / float(reach[1])])
+
+
 def holdout_split(n, holdout):
     """Indices of the training and validation views of a capture: every holdout-th from the first validates (LLFF's
     llffhold); 0 holds none out, and validation uses the training views."""
@@ -525,12 +546,15 @@ def load_capture(folder, reader, downscale, background, frame, space, holdout):
     images, c2w, intrinsics, distortion, bounds = reader(folder, downscale, background)
     sizes = np.array([im.shape[:2] for im in images])
     train, val = holdout_split(len(images), holdout)
-    if frame is None:
+    chosen_here = frame is None
+    if chosen_here:
         frame = capture_frame(c2w[train], intrinsics[train], sizes[train],
                               bounds[train] if np.ndim(bounds) else bounds, space)
     as_tensor = lambda x: None if x is None else torch.as_tensor(np.asarray(x), dtype=torch.float32)  # noqa: E731
     cameras = Cameras(to_frame(as_tensor(c2w), frame.transform), as_tensor(intrinsics), torch.as_tensor(sizes),
                       as_tensor(distortion))
+    if chosen_here and frame.space == "ndc":
+        frame = fit_ndc(frame, cameras[train])
     views = Views.of_images([torch.from_numpy(np.ascontiguousarray(im)) for im in images], cameras)
     return Scene({"train": views.subset(train), "val": views.subset(val), "all": views}, frame,
                  torch.as_tensor(background, dtype=torch.float32))

@@ -31,9 +31,10 @@ class Frame:
     scene: rotation, translation, uniform scale) applied to every pose, and how rays are sampled there.
 
     space 'cube': depths near..far along rays in the scene, the model's cube [-bound, bound]^3 (objects).
-    'ndc': rays in normalised device coordinates of the reference camera (ndc = (2 fx / W, 2 fy / H)), depths 0..1
-    (forward-facing captures, as NeRF). 'contract': depths near..far spaced evenly in disparity, points beyond the
-    unit cube contracted into [-2, 2]^3 (mip-NeRF 360's, in the L-inf norm as nerfacto; unbounded captures).
+    'ndc': rays in normalised device coordinates of the reference camera (ndc = (2 fx / W, 2 fy / H), widened so
+    the training views' rays span x and y in [-1, 1]), depths 0..1 (forward-facing captures, as NeRF).
+    'contract': depths near..far spaced evenly in disparity, points beyond the unit cube contracted into [-2, 2]^3
+    (mip-NeRF 360's, in the L-inf norm as nerfacto; unbounded captures).
     video 'orbit' (around the scene's z axis, radius and height of the cameras) or 'spiral' (around the mean pose,
     as LLFF's render path, focused at `focus`).
     """

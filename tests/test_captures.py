@@ -60,8 +60,13 @@ def test_an_llff_capture_is_scaled_centred_and_rendered_in_ndc(llff):
     assert scale.item() == pytest.approx(1 / (2.0 * 0.75))  # NeRF's bd_factor: the nearest bound at 1 / 0.75
     poses = scene.splits["train"].cameras.poses
     assert poses[:, :3, 3].mean(0).abs().max() < 1e-6  # centred on the mean pose
-    assert frame.ndc == pytest.approx([2 * FOCAL / 4 / 16, 2 * FOCAL / 4 / 12])
-    rays = get_rays(scene.splits["train"].cameras, 0, frame)
+    cameras = scene.splits["train"].cameras
+    ends = torch.cat([torch.cat([r.origins, r.origins + r.dirs]) for r in (get_rays(cameras, k, frame)
+                                                                             for k in range(len(cameras)))])
+    # the reference camera's NDC, fitted so the training views' rays span [-1, 1] in x and y: the hash grid's cube
+    assert ends[:, :2].abs().amax(0).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert frame.ndc != pytest.approx([2 * FOCAL / 4 / 16, 2 * FOCAL / 4 / 12])  # the cameras differ: not camera 0's
+    rays = get_rays(cameras, 0, frame)
     assert torch.allclose(rays.origins[:, 2], torch.full((12 * 16,), -1.0), atol=1e-5)  # on the near plane
     far = rays.origins + rays.dirs * 0.999  # t -> 1 is infinitely far: NDC z -> 1
     assert far[:, 2].min() > 0.99 and rays.viewdirs.norm(dim=-1).sub(1).abs().max() < 1e-5

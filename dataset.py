@@ -526,6 +526,9 @@ def fit_ndc(frame, cameras):
     the reference camera's frustum alone left a tenth of an LLFF capture's samples there (docs/captures.md)."""
     reach = torch.zeros(2)
     for k in range(len(cameras)):
+        if rays_for_pixels(cameras, k, *border_pixels(cameras.hw(k))).dirs[:, 2].max() >= 0:
+            raise DataError(f"training view {k} looks sideways or back from the mean pose, and NDC holds only views "
+                            "that face forward: use --space=cube (an object) or --space=contract (unbounded)")
         rays = rays_for_pixels(cameras, k, *border_pixels(cameras.hw(k)), frame)
         for end in (rays.origins, rays.origins + rays.dirs):  # a ray's NDC x and y move linearly from t = 0 to 1
             reach = torch.maximum(reach, end[:, :2].abs().amax(0))

@@ -179,6 +179,9 @@ def test_bad_capture_folders_are_one_line(tmp_path, llff):
     (cap / "transforms.json").write_text(json.dumps({"fl_x": 10}))
     with pytest.raises(DataError, match="cannot read the capture"):
         load_scene(str(cap))
+    around = synthetic_capture(tmp_path / "around", list(range(16)))  # cameras all around an object
+    with pytest.raises(DataError, match="looks sideways or back .* use --space=cube"):
+        load_scene(around, space="ndc")
 
 
 @pytest.fixture

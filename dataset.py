@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from configs import UserError
-from render import Cameras, Frame, get_rays, pose_spherical, rays_for_pixels
+from render import Cameras, Frame, get_rays, ndc_rays, pose_spherical, rays_for_pixels
 from utils import atomic_write
 
 TINY_NERF_URL = "https://cseweb.ucsd.edu/~viscomp/projects/LF/papers/ECCV20/nerf/tiny_nerf_data.npz"
@@ -526,10 +526,11 @@ def fit_ndc(frame, cameras):
     the reference camera's frustum alone left a tenth of an LLFF capture's samples there (docs/captures.md)."""
     reach = torch.zeros(2)
     for k in range(len(cameras)):
-        if rays_for_pixels(cameras, k, *border_pixels(cameras.hw(k))).dirs[:, 2].max() >= 0:
+        rays = rays_for_pixels(cameras, k, *border_pixels(cameras.hw(k)))
+        if rays.dirs[:, 2].max() >= 0:
             raise DataError(f"training view {k} looks sideways or back from the mean pose, and NDC holds only views "
                             "that face forward: use --space=cube (an object) or --space=contract (unbounded)")
-        rays = rays_for_pixels(cameras, k, *border_pixels(cameras.hw(k)), frame)
+        rays = ndc_rays(rays.origins, rays.dirs, frame.ndc)
         for end in (rays.origins, rays.origins + rays.dirs):  # a ray's NDC x and y move linearly from t = 0 to 1
             reach = torch.maximum(reach, end[:, :2].abs().amax(0))
     return replace(frame, ndc=[frame.ndc[0] / float(reach[0]), frame.ndc[1] / float(reach[1])])

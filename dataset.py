@@ -57,11 +57,12 @@ class Views:
 @dataclass
 class Scene:
     """Named splits of views, the scene's frame (render.Frame: its normalisation, near/far bounds and sampling
-    space) and the background colour."""
+    space) and the background colour; val_is_train: no view was held out (a capture's --holdout=0)."""
 
     splits: dict
     frame: Frame
     background: torch.Tensor
+    val_is_train: bool = False
 
 
 def cache_dir():
@@ -561,7 +562,7 @@ def load_capture(folder, reader, downscale, background, frame, space, holdout):
         frame = fit_ndc(frame, cameras[train])
     views = Views.of_images([torch.from_numpy(np.ascontiguousarray(im)) for im in images], cameras)
     return Scene({"train": views.subset(train), "val": views.subset(val), "all": views}, frame,
-                 torch.as_tensor(background, dtype=torch.float32))
+                 torch.as_tensor(background, dtype=torch.float32), val_is_train=train == val)
 
 
 def scene_kind(data):
@@ -621,6 +622,11 @@ def scene_of(cfg, splits, frame=None):
         space = None if cfg["SPACE"] == "auto" else cfg["SPACE"]
         scene.frame = scene.frame.with_overrides(space, cfg["NEAR"], cfg["FAR"], cfg["SCENE_BOUND"])
     return scene
+
+
+def score_name(scene):
+    """What validation scores are called: 'val', or 'training-view' where no view was held out (--holdout=0)."""
+    return "training-view" if scene.val_is_train else "val"
 
 
 def protocol(scene, views):

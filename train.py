@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
 from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
-from dataset import protocol, resolve_data, sample_batch, scene_of
+from dataset import protocol, resolve_data, sample_batch, scene_of, score_name
 from nerf import model_class, model_kwargs
 from render import Frame, Rays, Shard, build_grid, evaluate_views, rebuild_grid, render_rays, render_videos
 from utils import (
@@ -315,8 +315,8 @@ def export_and_evaluate(model, cfg, views, scene, grid, amp, out_dir):
     device = views.pixels.device
     exported = load_ternary(torch.load(path, weights_only=True), cfg).to(device)
     scores, _ = evaluate_views(exported, views, scene, cfg, rebuild_grid(exported, cfg, scene.frame, device), amp)
-    print(f"export: {path}, {size} bytes ({fp32_size / size:.1f}x smaller than fp32), val PSNR {scores['psnr']:.2f} dB",
-          file=sys.stderr)
+    print(f"export: {path}, {size} bytes ({fp32_size / size:.1f}x smaller than fp32), {score_name(scene)} PSNR "
+          f"{scores['psnr']:.2f} dB", file=sys.stderr)
     return {"export_psnr": scores["psnr"], "export_ssim": scores["ssim"], "export_bytes": size,
             "fp32_weights_bytes": fp32_size}
 
@@ -742,7 +742,8 @@ class Trainer:
         else:
             return
         if self.main_rank:
-            self.bar.write(f"step {self.state.step}: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} "
+            self.bar.write(f"step {self.state.step}: {score_name(self.scene)} PSNR {scores['psnr']:.2f} dB, "
+                           f"SSIM {scores['ssim']:.3f} "
                            f"({scores['views']} views, {self.state.train_seconds:.0f} s)")
 
     def video_if_due(self):
@@ -785,7 +786,7 @@ class Trainer:
         per_s = state.step * cfg["BATCH_SIZE"] / max(state.train_seconds, 1e-9)
         return {"experiment": cfg["EXPERIMENT"], "data": cfg["DATA"], **protocol(self.scene, self.val_views),
                 "space": self.scene.frame.space,
-                "val_psnr": scores["psnr"],
+                "scored_on": "training views" if self.scene.val_is_train else "val views", "val_psnr": scores["psnr"],
                 "val_ssim": scores["ssim"], "val_views": scores["views"], "steps": state.step,
                 "train_seconds": round(state.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),
                 "eval_seconds": round(eval_seconds, 2), "rays_per_s": round(per_s, 1),
@@ -804,7 +805,8 @@ class Trainer:
         metrics = self.metrics(scores, time.perf_counter() - t0)
         if not self.main_rank:
             return metrics
-        print(f"final: val PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} on {scores['views']} views of "
+        print(f"final: {score_name(self.scene)} PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.3f} on "
+              f"{scores['views']} views of "
               f"{self.cfg['DATA']} after {self.state.step} steps, {self.state.train_seconds:.0f} s", file=sys.stderr)
         if self.cfg["VIDEO_FRAMES"]:
             t0 = time.perf_counter()

@@ -23,7 +23,7 @@ from conftest import (
     synthetic_capture,
     write_transforms,
 )
-from dataset import DataError, load_scene, read_llff
+from dataset import DataError, load_scene, read_llff, score_name
 from render import Cameras, Frame, camera_directions, distort, get_rays
 
 
@@ -54,6 +54,7 @@ def test_llff_axes_focal_and_image_folder_at_each_downscale(llff):
 def test_an_llff_capture_is_scaled_centred_and_rendered_in_ndc(llff):
     folder, c2w = llff
     scene = load_scene(folder, downscale=4, holdout=0)
+    assert score_name(scene) == "training-view" and score_name(load_scene(folder, downscale=4)) == "val"
     frame = scene.frame
     assert (frame.space, frame.near, frame.far, frame.bound, frame.video) == ("ndc", 0.0, 1.0, 1.0, "spiral")
     scale = torch.linalg.det(torch.tensor(frame.transform)[:3, :3]) ** (1 / 3)
@@ -131,7 +132,7 @@ def test_the_runs_frame_scores_other_views_of_its_capture_as_its_own(tmp_path):
     held = synthetic_capture(tmp_path / "held", [0, 8])
     cfg = {**small(tmp_path / "run"), "DATA": whole, "MAX_STEPS": 30}
     metrics = train.train(cfg)
-    assert metrics["space"] == "cube" and metrics["val_views"] == 2
+    assert metrics["space"] == "cube" and metrics["val_views"] == 2 and metrics["scored_on"] == "val views"
     own = score(cfg["OUT_DIR"], whole, "val")
     other = score(cfg["OUT_DIR"], held, "all")
     assert other["views"] == own["views"] == 2 and other["psnr"] == pytest.approx(own["psnr"], abs=1e-4)

@@ -60,6 +60,7 @@ EXP1 = {
     "AMSGRAD": False,            # AdamW's AMSGrad variant
     "FUSED_OPTIM": False,        # fused AdamW where the device supports it (elsewhere a notice and the plain one)
     "OPACITY_REG": 1e-2,         # weight of mean(acc * (1 - acc)): rays opaque or empty, so the grid culls more
+    "DISTORTION": 0.0,           # weight of mip-NeRF 360's distortion loss: each ray's weight in one thin segment
     "NONFINITE": "stop",         # on a NaN/inf gradient: 'stop' (keep the last checkpoint, exit 2) or 'skip' the step
     "GRAD_CLIP": 0.0,            # clip the gradient norm to this (0 = off; the norm is logged either way)
     "MAX_STEPS": 7000,           # training steps; the LR schedule spans them (or TIME_BUDGET_S if that ends first)
@@ -143,9 +144,10 @@ CHOICES = {"MODEL": ("nerf", "bitnerf"), "ENCODING": ("frequency", "hash"), "DEN
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "GRID_RES", "VIDEO_DOWNSCALE", "VIEWER_RES", "VIEWER_FRAME_S",
             "HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS")
-NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR",
-                "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES",
-                "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR", "FAR", "HOLDOUT", "VIEWER_PORT")
+NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "DISTORTION", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS",
+                "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY",
+                "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR", "FAR",
+                "HOLDOUT", "VIEWER_PORT")
 
 
 def parse_value(key, text, default):

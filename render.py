@@ -78,6 +78,12 @@ class Frame:
         light is left, and a transparent scene cannot stand in for colours over the background."""
         return self.far if self.space == "cube" else 1e10
 
+    def normalized(self, t):
+        """Depths t as shares 0..1 of the sampled range: in depth, or in disparity under 'contract' (as sampled)."""
+        if self.space == "contract":
+            return (1 / t - 1 / self.near) / (1 / self.far - 1 / self.near)
+        return (t - self.near) / (self.far - self.near)
+
     def depth_range(self):
         """Depths a depth picture spans: near..far, or under 'contract' the inner part of the scene."""
         return (self.near, min(self.far, 2 * self.bound)) if self.space == "contract" else (self.near, self.far)
@@ -245,6 +251,17 @@ def volume_render(rgb, sigma, t, far, background, scale=None):
     out_rgb = (weights[..., None] * rgb).sum(-2) + (1.0 - acc)[..., None] * background
     depth = (weights * t).sum(-1)
     return out_rgb, depth, acc, weights
+
+
+def distortion(weights, t, frame):
+    """mip-NeRF 360's distortion loss per ray (R,) over samples t (R, S) and their weights, in the frame's normalised
+    depths (each sample's segment runs to the next, the last to far): the weights' spread along the ray, smallest
+    when a ray's weight sits in one thin segment. Sorted samples turn its sum over pairs into running sums."""
+    s = frame.normalized(torch.cat([t, torch.full_like(t[:, :1], frame.far)], -1)).clamp(0, 1)
+    mid, width = (s[:, 1:] + s[:, :-1]) / 2, s[:, 1:] - s[:, :-1]
+    before = torch.cumsum(weights, -1) - weights  # the weight in front of each sample
+    moment_before = torch.cumsum(weights * mid, -1) - weights * mid
+    return 2 * (weights * (mid * before - moment_before)).sum(-1) + (weights.square() * width).sum(-1) / 3
 
 
 def sample_pdf(t, weights, far, num, generator=None):
@@ -439,7 +456,7 @@ def shade(model, rays, t, frame, background, grid=None, min_transmittance=0.0, s
 
 
 def render_rays(model, rays, frame, num_samples, background, generator=None, grid=None, num_fine=0,
-                min_transmittance=0.0, skip_zero_density=False, fixed_shapes=False):
+                min_transmittance=0.0, skip_zero_density=False, fixed_shapes=False, with_distortion=False):
     """Render rays: stratified samples, and with num_fine a coarse -> fine pass as in the NeRF paper.
 
     The coarse pass runs without gradients through the same model; its weights place num_fine more
@@ -449,7 +466,7 @@ def render_rays(model, rays, frame, num_samples, background, generator=None, gri
     rays early on the samples themselves in both passes (see shade). skip_zero_density leaves the samples of zero
     density out of the gradient pass when training (see query_kept); fixed_shapes queries every sample instead of
     compacting the kept ones (see shade), for a CUDA graph.
-    Returns rgb (R, 3), depth (R,), opacity (R,).
+    Returns rgb (R, 3), depth (R,), opacity (R,), and with_distortion each ray's distortion loss (R,).
     """
     t, until, training = sample_along_rays(rays, frame, num_samples, generator), None, torch.is_grad_enabled()
     if num_fine:
@@ -459,8 +476,9 @@ def render_rays(model, rays, frame, num_samples, background, generator=None, gri
         if min_transmittance and training:
             until = stop_depths(t, sigma * sample_lengths(rays, t, frame), min_transmittance)
         t = torch.sort(torch.cat([t, sample_pdf(t, weights, frame.far, num_fine, generator)], dim=-1), dim=-1).values
-    return shade(model, rays, t, frame, background, grid, min_transmittance, skip_zero_density, fixed_shapes,
-                 until)[:3]
+    rgb, depth, acc, weights, _ = shade(model, rays, t, frame, background, grid, min_transmittance, skip_zero_density,
+                                        fixed_shapes, until)
+    return (rgb, depth, acc, distortion(weights, t, frame)) if with_distortion else (rgb, depth, acc)
 
 
 def stop_depths(t, tau, min_transmittance):

@@ -606,13 +606,15 @@ class Trainer:
         rays, target = sample_batch(self.train_views, cfg["BATCH_SIZE"], self.generator, self.scene.frame)
         rays, target = Rays(*(x[lo: lo + n] for x in rays)), target[lo: lo + n]
         with self.amp:
-            rgb, _, acc = render_rays(self.net, rays, self.scene.frame, cfg["NUM_SAMPLES"],
-                                      self.scene.background, Shard(self.generator, lo, cfg["BATCH_SIZE"]), self.grid,
-                                      cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"], skips_zero_density(cfg),
-                                      self.graphed)
+            rgb, _, acc, *spread = render_rays(self.net, rays, self.scene.frame, cfg["NUM_SAMPLES"],
+                                               self.scene.background, Shard(self.generator, lo, cfg["BATCH_SIZE"]),
+                                               self.grid, cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"],
+                                               skips_zero_density(cfg), self.graphed, bool(cfg["DISTORTION"]))
         mse = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
         reg = cfg["OPACITY_REG"] * (acc * (1 - acc)).mean() if cfg["OPACITY_REG"] else torch.zeros_like(mse)
-        loss = mse + reg if cfg["OPACITY_REG"] else mse
+        if spread:
+            reg = reg + cfg["DISTORTION"] * spread[0].mean()
+        loss = mse + reg if cfg["OPACITY_REG"] or spread else mse
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if cfg["GRAD_CLIP"]:

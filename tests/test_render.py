@@ -504,3 +504,23 @@ def test_training_stops_each_ray_where_the_coarse_pass_found_it_opaque(monkeypat
     shell = [render_rays(ShellAndWall(), rays_of(torch.tensor([[0.0, 0.0, 4.0]]), torch.tensor([[0.0, 0.0, -1.0]])),
                          Frame(), 64, torch.zeros(3), num_fine=16, min_transmittance=m)[0] for m in (0.0, 1e-4)]
     assert shell[0][0, 0] > 0.01 and (shell[0] - shell[1]).abs().max() < 1e-4  # the wall still shows through
+
+
+@pytest.mark.parametrize("space", ["cube", "ndc", "contract"])
+def test_the_distortion_loss_is_its_sum_over_pairs_and_smallest_for_one_thin_segment(space):
+    """mip-NeRF 360's definition summed over every pair of segments (in the frame's normalised depths), against the
+    running sums; a ray's weight in one segment costs a third of that segment's width."""
+    frame = render.Frame(space=space, near=0.0, far=1.0) if space == "ndc" else render.Frame(space=space)
+    g = torch.Generator().manual_seed(0)
+    t = render.sample_along_rays(render.Rays(*torch.zeros(3, 5, 3)), frame, 12, g).double()
+    weights = torch.rand(5, 12, generator=g, dtype=torch.float64)
+    weights = weights / weights.sum(-1, keepdim=True) * 0.9
+    s = frame.normalized(torch.cat([t, torch.full_like(t[:, :1], frame.far)], -1))
+    mid, width = (s[:, 1:] + s[:, :-1]) / 2, s[:, 1:] - s[:, :-1]
+    pairs = (weights[:, :, None] * weights[:, None, :] * (mid[:, :, None] - mid[:, None, :]).abs()).sum((1, 2))
+    assert torch.allclose(render.distortion(weights, t, frame), pairs + (weights ** 2 * width).sum(-1) / 3)
+    one = torch.zeros(1, 12, dtype=torch.float64)
+    one[0, 4] = 1.0
+    assert render.distortion(one, t[:1], frame).item() == pytest.approx(width[0, 4].item() / 3)
+    spread = torch.full((1, 12), 1 / 12, dtype=torch.float64)
+    assert render.distortion(spread, t[:1], frame) > 5 * render.distortion(one, t[:1], frame)

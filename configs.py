@@ -32,7 +32,8 @@ EXP1 = {
     "DIR_ENCODE_DIMS": 4,        # positional-encoding frequencies of the view direction
     "DENSITY_ACT": "relu",       # density activation: 'relu' (the original code's) or 'softplus' (never dies; slower)
     "HASH_LEVELS": 12,           # hash: grid levels, from HASH_BASE_RES to HASH_FINEST_RES in geometric steps
-    "HASH_LOG2_SIZE": 15,        # hash: log2 of the entries of each level's table (a level whose grid fits is dense)
+    "HASH_LOG2_SIZE": 0,         # hash: log2 of each level's table entries (a level whose grid fits is dense); 0 =
+                                 # the data's: 17 in NDC (a forward-facing scene spans its whole square), else 15
     "HASH_FEATURES": 2,          # hash: learned features per table entry
     "HASH_BASE_RES": 16,         # hash: grid resolution of the coarsest level (cells per axis of the scene cube)
     "HASH_FINEST_RES": 256,      # hash: grid resolution of the finest level
@@ -143,11 +144,11 @@ CHOICES = {"MODEL": ("nerf", "bitnerf"), "ENCODING": ("frequency", "hash"), "DEN
            "RECIPE": tuple(RECIPES)}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "GRID_RES", "VIDEO_DOWNSCALE", "VIEWER_RES", "VIEWER_FRAME_S",
-            "HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS")
-NON_NEGATIVE = ("ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "DISTORTION", "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS",
-                "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED", "EVAL_EVERY",
-                "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR", "FAR",
-                "HOLDOUT", "VIEWER_PORT")
+            "HASH_LEVELS", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS")
+NON_NEGATIVE = ("HASH_LOG2_SIZE", "ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "DISTORTION", "POS_ENCODE_DIMS",
+                "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED",
+                "EVAL_EVERY", "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR",
+                "FAR", "HOLDOUT", "VIEWER_PORT")
 
 
 def parse_value(key, text, default):
@@ -190,8 +191,9 @@ def check_config(cfg):
                           f"{cfg['HASH_BASE_RES']}; raise it")
     if not 2 <= cfg["HASH_TABLE_BITS"] <= 8:
         raise ConfigError(f"--hash_table_bits={cfg['HASH_TABLE_BITS']}: must be 2 ... 8")
-    if not 8 <= cfg["HASH_LOG2_SIZE"] <= 24:
-        raise ConfigError(f"--hash_log2_size={cfg['HASH_LOG2_SIZE']}: must be 8 ... 24 (Instant-NGP uses 14 ... 24)")
+    if cfg["HASH_LOG2_SIZE"] and not 8 <= cfg["HASH_LOG2_SIZE"] <= 24:
+        raise ConfigError(f"--hash_log2_size={cfg['HASH_LOG2_SIZE']}: must be 8 ... 24 (Instant-NGP uses 14 ... 24), "
+                          "or 0 (the data's)")
     if cfg["MIN_LR"] > cfg["LR"]:
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
     if cfg["NEAR"] and cfg["FAR"] and cfg["NEAR"] >= cfg["FAR"]:

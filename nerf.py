@@ -85,6 +85,14 @@ class NeRF(nn.Module):
 # the config keys a HashNeRF is built from (its constructor's arguments, in lower case)
 HASH_KEYS = ("HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "SCENE_BOUND",
              "DENSITY_LAYERS", "COLOR_LAYERS", "EMB_DIM", "USE_VIEWDIRS")
+
+
+def table_log2(space):
+    """HASH_LOG2_SIZE's value for 0 (the data's): 2^17 entries a level in NDC, where a forward-facing capture's
+    surfaces span the whole square at every depth (more fine cells than a 2^15 table holds), else 2^15."""
+    return 17 if space == "ndc" else 15
+
+
 # The spatial hash of Mueller et al. 2022 (Instant-NGP), as int32: a product wraps modulo 2^32 as the paper's
 # uint32 one does, and the table index keeps only the low bits, so the two agree bit for bit.
 HASH_PRIMES = (1, 2654435761 - 2 ** 32, 805459861)
@@ -258,8 +266,9 @@ class HashNeRF(nn.Module):
 def model_kwargs(cfg):
     """The constructor arguments of the model a config selects (also what a checkpoint must match), named as the
     config's keys in lower case."""
-    if cfg["ENCODING"] == "hash":
-        return {k.lower(): cfg[k] for k in HASH_KEYS}
+    if cfg["ENCODING"] == "hash":  # HASH_LOG2_SIZE 0: the data's, by its space (train.load_data saves it resolved)
+        return {**{k.lower(): cfg[k] for k in HASH_KEYS},
+                "hash_log2_size": cfg["HASH_LOG2_SIZE"] or table_log2(cfg["SPACE"])}
     return dict(
         pos_encode_dims=cfg["POS_ENCODE_DIMS"],
         num_layers=cfg["NUM_LAYERS"],

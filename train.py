@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
 from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
 from dataset import protocol, resolve_data, sample_batch, scene_of, score_name
-from nerf import model_class, model_kwargs
+from nerf import model_class, model_kwargs, table_log2
 from render import Frame, Rays, Shard, build_grid, evaluate_views, rebuild_grid, render_rays, render_videos
 from utils import (
     all_reduce,
@@ -554,12 +554,14 @@ class Trainer:
         """The scene (in its checkpoint's frame, FRAME's or the data's own) and its training and validation views on
         the device; returns the config with what the data resolved: DATA, and FRAME and its keys."""
         cfg = {**cfg, "DATA": run_data(cfg, ckpt, self.rank, self.world)}
+        saved_table = ckpt["config"].get("HASH_LOG2_SIZE") if ckpt is not None else None  # a resume keeps its table
         self.scene = scene_of(cfg, ("train", "val"), run_frame(cfg, ckpt))
         self.train_views, self.val_views = (self.scene.splits[s].to(self.device) for s in ("train", "val"))
         self.scene.background = self.scene.background.to(self.device)
         frame = self.scene.frame
         return {**cfg, "FRAME": frame.record(), "SPACE": frame.space, "NEAR": frame.near, "FAR": frame.far,
-                "SCENE_BOUND": frame.bound}
+                "SCENE_BOUND": frame.bound,
+                "HASH_LOG2_SIZE": cfg["HASH_LOG2_SIZE"] or saved_table or table_log2(frame.space)}
 
     def resume(self, ckpt):
         """Restore weights, optimizer, scaler, generator and grid from a checkpoint; returns its RunState."""

@@ -225,3 +225,21 @@ def test_the_fox_capture_loads_with_its_lens_and_renders(tmp_path):
     train_positions = scene.splits["train"].cameras.poses[:, :3, 3]  # the frame is chosen from the training views
     assert train_positions.norm(dim=-1).max().item() == pytest.approx(1.0, abs=1e-5)
     assert images_of(views).shape == (43, 240, 135, 3)
+
+
+def test_the_hash_table_follows_the_space_unless_set_and_a_resume_keeps_its_own(llff, tmp_path):
+    """HASH_LOG2_SIZE 0 is the data's: 2^17 in NDC, 2^15 in a cube; a set value wins, and a run resumed with the
+    default keeps the table its checkpoint was trained with."""
+    folder, _ = llff
+    hashed = {k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}
+
+    def saved_table(run, **keys):
+        train.train({**small(tmp_path / run), **hashed, "HASH_LEVELS": 2, "MAX_STEPS": 2, **keys})
+        with open(tmp_path / run / "config.json") as f:
+            return json.load(f)["HASH_LOG2_SIZE"]
+
+    assert EXP7["HASH_LOG2_SIZE"] == 0
+    assert saved_table("ndc", DATA=folder, DOWNSCALE=8) == 17
+    assert saved_table("cube") == 15
+    assert saved_table("set", DATA=folder, DOWNSCALE=8, HASH_LOG2_SIZE=12) == 12
+    assert saved_table("set", DATA=folder, DOWNSCALE=8, MAX_STEPS=4) == 12

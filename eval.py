@@ -25,7 +25,7 @@ from utils import checkpoint_path, keep_freed_memory, load_checkpoint, load_weig
 
 def default_split(data_arg, data):
     """All views of a .npz passed with --data; a folder's test split when it has one; else val (a run's own data
-    without --data: its validation split, never the views it trained on)."""
+    without --data: its validation split, not the views it trained on unless a capture held none out)."""
     if data_arg and data_arg.endswith(".npz"):
         return "all"
     return "test" if os.path.isdir(data) and "test" in folder_splits(data) else "val"
@@ -115,6 +115,8 @@ def run(args):
               "views": scores["views"], **protocol(scene, views), "space": scene.frame.space,
               "seconds": round(time.perf_counter() - t0, 2),
               "dtype": cfg["DTYPE"], "step": ckpt.get("step"), "exported": exported}
+    if split == "val" and scene.val_is_train:  # --holdout=0: training's views, as training named them
+        result["scored_on"] = "training views"
     if args.per_view:
         result["per_view"] = [{"view": v["view"], "psnr": round(v["psnr"], 4), "ssim": round(v["ssim"], 4)}
                               for v in scores["per_view"]]

@@ -256,7 +256,8 @@ def volume_render(rgb, sigma, t, far, background, scale=None):
 def distortion(weights, t, frame):
     """mip-NeRF 360's distortion loss per ray (R,) over samples t (R, S) and their weights, in the frame's normalised
     depths (each sample's segment runs to the next, the last to far): the weights' spread along the ray, smallest
-    when a ray's weight sits in one thin segment. Sorted samples turn its sum over pairs into running sums."""
+    when a ray's weight sits in one thin segment. Sorted samples turn its sum over pairs into running sums. The
+    last segment stops at far (NDC's 1, contraction's far) where rendering runs it to infinity: depths are bounded."""
     s = frame.normalized(torch.cat([t, torch.full_like(t[:, :1], frame.far)], -1)).clamp(0, 1)
     mid, width = (s[:, 1:] + s[:, :-1]) / 2, s[:, 1:] - s[:, :-1]
     before = torch.cumsum(weights, -1) - weights  # the weight in front of each sample

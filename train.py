@@ -602,8 +602,8 @@ class Trainer:
         return graph
 
     def loss_and_grads(self):
-        """Draw a batch, render it and backpropagate its loss; returns (photometric MSE, opacity regulariser,
-        gradient norm before clipping)."""
+        """Draw a batch, render it and backpropagate its loss; returns (photometric MSE, the regularisers (opacity,
+        distortion), gradient norm before clipping)."""
         cfg, lo, n = self.cfg, self.rank * self.shard, self.shard
         rays, target = sample_batch(self.train_views, cfg["BATCH_SIZE"], self.generator, self.scene.frame)
         rays, target = Rays(*(x[lo: lo + n] for x in rays)), target[lo: lo + n]
@@ -613,10 +613,9 @@ class Trainer:
                                                self.grid, cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"],
                                                skips_zero_density(cfg), self.graphed, bool(cfg["DISTORTION"]))
         mse = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
-        reg = cfg["OPACITY_REG"] * (acc * (1 - acc)).mean() if cfg["OPACITY_REG"] else torch.zeros_like(mse)
-        if spread:
-            reg = reg + cfg["DISTORTION"] * spread[0].mean()
-        loss = mse + reg if cfg["OPACITY_REG"] or spread else mse
+        opacity = cfg["OPACITY_REG"] * (acc * (1 - acc)).mean() if cfg["OPACITY_REG"] else torch.zeros_like(mse)
+        reg = torch.stack([opacity, cfg["DISTORTION"] * spread[0].mean() if spread else torch.zeros_like(mse)])
+        loss = mse + reg.sum() if cfg["OPACITY_REG"] or spread else mse
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if cfg["GRAD_CLIP"]:
@@ -669,7 +668,7 @@ class Trainer:
             self.grid.update(self.fast, 1.0 if step < GRID_FULL_UNTIL else 0.25, generator=self.generator)
 
     def train_step(self):
-        """One training step, graphed or eager; returns (MSE, regulariser, gradient norm) as tensors."""
+        """One training step, graphed or eager; returns (MSE, regularisers, gradient norm) as tensors."""
         if self.graph is not None:
             self.graph.replay()
             mse, reg, grad_norm = self.graph_outputs
@@ -706,10 +705,12 @@ class Trainer:
         if not self.main_rank or (step % self.cfg["LOG_EVERY"] and not self.done()):
             return
         stats = {"train/loss": mse.item(), "train/psnr": -10 * math.log10(max(mse.item(), 1e-10)),
-                 "train/opacity_reg": reg.item(), "train/grad_norm": grad_norm.item(), "train/lr": lr,
+                 "train/opacity_reg": reg[0].item(), "train/distortion": reg[1].item(),
+                 "train/grad_norm": grad_norm.item(), "train/lr": lr,
                  "train/rays_per_s": self.rays_per_s}
         self.state.curve.append({"step": step, "train_seconds": round(self.state.train_seconds, 2),
-                                 "loss": stats["train/loss"], "opacity_reg": stats["train/opacity_reg"]})
+                                 "loss": stats["train/loss"], "opacity_reg": stats["train/opacity_reg"],
+                                 "distortion": stats["train/distortion"]})
         self.bar.set_postfix(loss=f"{stats['train/loss']:.4f}", psnr=f"{stats['train/psnr']:.2f}",
                              rays_s=f"{self.rays_per_s:.0f}")
         if self.run:

@@ -243,3 +243,11 @@ def test_the_hash_table_follows_the_space_unless_set_and_a_resume_keeps_its_own(
     assert saved_table("cube") == 15
     assert saved_table("set", DATA=folder, DOWNSCALE=8, HASH_LOG2_SIZE=12) == 12
     assert saved_table("set", DATA=folder, DOWNSCALE=8, MAX_STEPS=4) == 12
+
+
+def test_with_no_view_held_out_the_scores_say_they_are_on_training_views(llff, tmp_path):
+    folder, _ = llff
+    cfg = {**small(tmp_path / "run"), "DATA": folder, "DOWNSCALE": 8, "HOLDOUT": 0, "MAX_STEPS": 2}
+    metrics = train.train(cfg)
+    assert metrics["scored_on"] == "training views" and metrics["val_views"] == 4
+    assert score(cfg["OUT_DIR"])["scored_on"] == "training views"

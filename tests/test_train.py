@@ -23,7 +23,8 @@ def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "config.json")) as f:
         recorded = json.load(f)
-    frame = {"SPACE": "cube", "NEAR": 2.0, "FAR": 5.0, "SCENE_BOUND": 1.5}  # the synthetic scene's, resolved and kept
+    # the synthetic scene's, resolved and kept (a hash table's size too: 2^15 in a cube)
+    frame = {"SPACE": "cube", "NEAR": 2.0, "FAR": 5.0, "SCENE_BOUND": 1.5, "HASH_LOG2_SIZE": 15}
     assert recorded == {**cfg, **frame, "FRAME": recorded["FRAME"]} and recorded["FRAME"]["far"] == 5.0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 300 and set(ckpt) >= {"model", "optimizer", "generator", "config"}
@@ -170,7 +171,7 @@ def test_the_logged_training_loss_is_the_photometric_mse_and_the_regulariser_is_
 
     def recording_render(*args, **kwargs):
         out = real_render(*args, **kwargs)
-        renders.append((out[0].detach(), out[2].detach()))
+        renders.append((out[0].detach(), out[2].detach(), out[3].detach()))
         return out
 
     def recording_batch(*args, **kwargs):
@@ -180,14 +181,16 @@ def test_the_logged_training_loss_is_the_photometric_mse_and_the_regulariser_is_
 
     monkeypatch.setattr(train, "render_rays", recording_render)
     monkeypatch.setattr(train, "sample_batch", recording_batch)
-    cfg = {**small_cfg, "OPACITY_REG": 0.5, "MAX_STEPS": 50, "LOG_EVERY": 5}  # strong: mixing it in would show;
-    # 50 steps: warm-up (a tenth of the run) lasts to step 5, where the regulariser has not won yet
+    cfg = {**small_cfg, "OPACITY_REG": 0.5, "DISTORTION": 0.1, "MAX_STEPS": 50, "LOG_EVERY": 5}  # strong: mixing
+    # them in would show; 50 steps: warm-up (a tenth of the run) lasts to step 5, where the regulariser has not won yet
     metrics = train.train(cfg)
     for point in metrics["curve"]:
-        (rgb, acc), target = renders[point["step"] - 1], targets[point["step"] - 1]
+        (rgb, acc, spread), target = renders[point["step"] - 1], targets[point["step"] - 1]
         assert point["loss"] == pytest.approx(F.mse_loss(rgb, target).item(), rel=1e-6)
         assert point["opacity_reg"] == pytest.approx(0.5 * (acc * (1 - acc)).mean().item(), rel=1e-5)
+        assert point["distortion"] == pytest.approx(0.1 * spread.mean().item(), rel=1e-5)
     assert metrics["curve"][0]["opacity_reg"] > 0.1 * metrics["curve"][0]["loss"]  # at step 5, before it wins
+    assert metrics["curve"][0]["distortion"] > 0
 
 
 def test_data_auto_falls_back_to_the_synthetic_scene_offline_and_names_it(small_cfg, tmp_path, monkeypatch, capsys):

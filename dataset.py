@@ -629,6 +629,11 @@ def score_name(scene):
     return "training-view" if scene.val_is_train else "val"
 
 
+def scored_on(scene):
+    """What the validation split's scores were taken on, for metrics: 'val views' or (--holdout=0) 'training views'."""
+    return "training views" if scene.val_is_train else "val views"
+
+
 def protocol(scene, views):
     """What a score was measured on, besides the data and split: the views' resolution (W x H) and background."""
     sizes = {tuple(int(x) for x in hw) for hw in views.cameras.sizes}

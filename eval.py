@@ -17,7 +17,7 @@ import torch
 
 from bitnerf import EXPORT_FORMAT, load_ternary
 from configs import UserError
-from dataset import folder_splits, protocol, scene_of
+from dataset import folder_splits, protocol, scene_of, scored_on
 from render import Frame, build_grid, evaluate_views, rebuild_grid
 from train import autocast_context, build_model, resolve_device
 from utils import checkpoint_path, keep_freed_memory, load_checkpoint, load_weights
@@ -116,7 +116,7 @@ def run(args):
               "seconds": round(time.perf_counter() - t0, 2),
               "dtype": cfg["DTYPE"], "step": ckpt.get("step"), "exported": exported}
     if split == "val" and scene.val_is_train:  # --holdout=0: training's views, as training named them
-        result["scored_on"] = "training views"
+        result["scored_on"] = scored_on(scene)
     if args.per_view:
         result["per_view"] = [{"view": v["view"], "psnr": round(v["psnr"], 4), "ssim": round(v["ssim"], 4)}
                               for v in scores["per_view"]]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
 from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
-from dataset import protocol, resolve_data, sample_batch, scene_of, score_name
+from dataset import protocol, resolve_data, sample_batch, scene_of, score_name, scored_on
 from nerf import model_class, model_kwargs, table_log2
 from render import Frame, Rays, Shard, build_grid, evaluate_views, rebuild_grid, render_rays, render_videos
 from utils import (
@@ -791,7 +791,7 @@ class Trainer:
         per_s = state.step * cfg["BATCH_SIZE"] / max(state.train_seconds, 1e-9)
         return {"experiment": cfg["EXPERIMENT"], "data": cfg["DATA"], **protocol(self.scene, self.val_views),
                 "space": self.scene.frame.space,
-                "scored_on": "training views" if self.scene.val_is_train else "val views", "val_psnr": scores["psnr"],
+                "scored_on": scored_on(self.scene), "val_psnr": scores["psnr"],
                 "val_ssim": scores["ssim"], "val_views": scores["views"], "steps": state.step,
                 "train_seconds": round(state.train_seconds, 2), "compile_seconds": round(self.compile_seconds, 2),
                 "eval_seconds": round(eval_seconds, 2), "rays_per_s": round(per_s, 1),

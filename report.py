@@ -3,6 +3,7 @@
     python report.py [--budget_s=600] [--data=PATH [--downscale=N]] [--seeds=N] [--only=exp1,exp4] [--quick]
     python report.py --scenes=PATH[@K],PATH[@K],... [--only=exp7,exp7-bitnerf] [--budget_s=1200]
     python report.py --data=.../nerf_synthetic/lego --recipe=cpu800 --budget_s=3600 --only=exp7   (800 px, an hour)
+    python report.py --scenes=... --only=exp7 --hash_log2_size=17   (any other --key=value: every experiment's config)
 
 Each experiment trains from scratch in its own run directory (a preset with LAUNCH=torchrun under torchrun with
 2 processes; on a GPU machine one per GPU, at most 2) and is evaluated on all the held-out views each time its
@@ -37,6 +38,9 @@ EXPERIMENTS = (*configs.PRESETS, *configs.VARIANTS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
 # --quick: a pipeline check. A 32^3 occupancy grid: a BitNeRF export's grid, measured from the model, costs 8x less
 QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic", "curve_points": 2, "grid_res": 32}
+# keys every experiment's command line sets from the report's own options (command()): not overridable
+REPORT_KEYS = {"DATA", "DOWNSCALE", "RECIPE", "OUT_DIR", "TIME_BUDGET_S", "MAX_STEPS", "WANDB", "VIDEO_FRAMES",
+               "EVAL_EVERY", "EVAL_AT_S", "SEED"}
 CURVE_POINTS = 8  # validations on all views per run, at equal shares of the budget (the last one at its end)
 README_BEGIN, README_END = "<!-- report:begin -->", "<!-- report:end -->"
 COLUMNS = ["experiment", "precision", "bits/weight", "processes", "steps", "train s", "wall s", "samples/s",
@@ -113,16 +117,17 @@ def preset_and_flags(exp):
     return configs.VARIANTS.get(exp, (exp, ()))
 
 
-def experiment_config(exp):
-    """The config an experiment of the report trains: its preset, with a variant's flags applied."""
+def experiment_config(exp, overrides=()):
+    """The config an experiment of the report trains: its preset, with a variant's flags and then the report's
+    overrides applied."""
     preset, flags = preset_and_flags(exp)
-    return configs.apply_overrides(configs.PRESETS[preset], list(flags))
+    return configs.apply_overrides(configs.PRESETS[preset], [*flags, *overrides])
 
 
 def command(exp, args, run_dir, seed=0):
     """The command line that trains one experiment (with its config's SEED plus seed) for the report."""
     preset, flags = preset_and_flags(exp)
-    cfg = experiment_config(exp)
+    cfg = experiment_config(exp, args.overrides)
     script = os.path.join(ROOT, f"{preset}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]
     if cfg["LAUNCH"] == "torchrun":
@@ -139,7 +144,7 @@ def command(exp, args, run_dir, seed=0):
         overrides.append(f"--downscale={args.downscale}")
     if args.quick:
         overrides.append(f"--grid_res={QUICK['grid_res']}")
-    return launch + list(flags) + overrides
+    return launch + list(flags) + overrides + args.overrides  # the user's last: they win over a variant's flags
 
 
 class Stopped(Exception):
@@ -192,10 +197,10 @@ def spread(values, fmt):
     return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
 
 
-def table_row(exp, runs, run_dir, marks=()):
+def table_row(exp, runs, run_dir, marks=(), overrides=()):
     """One row of the results table from the metrics of an experiment's runs (one per seed), with the PSNR at the
     given training times."""
-    cfg = experiment_config(exp)
+    cfg = experiment_config(exp, overrides)
     cell = lambda key, fmt: spread([m[key] for m in runs], fmt)  # noqa: E731
     at = {m: [psnr_at(r, m) for r in runs] for m in marks}
     psnr = cell("val_psnr", "{:.2f}".format)
@@ -324,7 +329,7 @@ def update_readme(path, text):
 
 def parse_args(argv):
     """Command-line options; --quick fills in a short budget unless one is given."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # --seed is not --seeds
     p.add_argument("--budget_s", type=float, default=None, help="training seconds per experiment (default 600)")
     p.add_argument("--data", default=None, help="default: ../shared/data/lego_tiny.npz if present, else tiny_nerf "
                    "(downloaded); synthetic for --quick")
@@ -343,7 +348,8 @@ def parse_args(argv):
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"),
                    help="README whose results block a full report rewrites")
     p.add_argument("--wandb", default="auto", choices=configs.CHOICES["WANDB"])
-    args = p.parse_args(argv)
+    p.epilog = "Any other --key=value (a configs.py key, as expN.py takes it) is applied to every experiment."
+    args, args.overrides = p.parse_known_args(argv)
     args.budget_s = args.budget_s or (QUICK["budget_s"] if args.quick else 600.0)
     if not args.data:
         args.data = QUICK["data"] if args.quick else SHARED_TINY if os.path.exists(SHARED_TINY) else "auto"
@@ -353,18 +359,29 @@ def parse_args(argv):
         raise configs.UserError(f"--seeds={args.seeds} --downscale={args.downscale}: both must be >= 1")
     args.scenes = parse_scenes(args.scenes) if args.scenes else None
     # a partial or multi-scene report must not replace the full one
-    full = not args.quick and not args.scenes and sorted(args.exps) == sorted(EXPERIMENTS)
+    full = not (args.quick or args.scenes or args.overrides) and sorted(args.exps) == sorted(EXPERIMENTS)
     args.media_dir = args.media_dir or (os.path.join(ROOT, "media") if full else args.out_dir)
     args.readme = args.readme if full else None
     unknown = [e for e in args.exps if e not in EXPERIMENTS]
     if unknown:
         raise configs.UserError(f"--only={args.only}: unknown {', '.join(unknown)}; "
                                 f"choose from {', '.join(EXPERIMENTS)}")
+    check_overrides(args)
     for data in [path for _, path, _ in args.scenes] if args.scenes else [args.data]:
         named = data in ("auto", "tiny_nerf", "synthetic")
         if not data.endswith(".npz") and not named and not os.path.isdir(data):
             raise configs.UserError(f"--data={data}: no such file or folder; pass a .npz, a scene folder or tiny_nerf")
     return args
+
+
+def check_overrides(args):
+    """Refuse a config override the report sets itself, or one an experiment's config rejects, before any run."""
+    own = [a for a in args.overrides if a.removeprefix("--").partition("=")[0].upper() in REPORT_KEYS]
+    if own:
+        raise configs.UserError(f"{own[0]}: the report sets it (use --data, --downscale, --recipe, --budget_s, "
+                                "--seeds, --out_dir or --wandb)")
+    for exp in args.exps:
+        experiment_config(exp, args.overrides)
 
 
 def scene_args(args, scene):
@@ -424,7 +441,7 @@ def run_all(args, argv):
             runs += [metrics] if metrics is not None else []
         if len(runs) == args.seeds:
             results[exp] = runs
-            rows.append(table_row(exp, runs, run_dir, time_marks(args.budget_s)))
+            rows.append(table_row(exp, runs, run_dir, time_marks(args.budget_s), args.overrides))
     return results, rows
 
 

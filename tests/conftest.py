@@ -55,6 +55,16 @@ def one_line_error(res, words):
     assert "Traceback" not in res.stderr
 
 
+def main_error(capsys, main, argv, words):
+    """one_line_error for a script's main called in this process (what the script runs, without its start-up);
+    returns what it wrote to stderr."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    one_line_error(subprocess.CompletedProcess(argv, stop.value.code, "", err), words)
+    return err
+
+
 def write_blender(folder, images, poses, focal, splits=("train", "val")):
     """A nerf_synthetic-style folder: RGBA PNGs (RGB images get alpha 1 where not black) and transforms json."""
     if images.shape[-1] == 3:
@@ -134,29 +144,18 @@ def table_rows(markdown):
     return [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")), strict=True)) for ln in lines[2:]]
 
 
-def quick_report_group(exp):
-    """Which of the quick report's tests runs an experiment, by its model: 'nerf' (test_report), 'bitnerf'
-    (test_bitnerf: exp6 compiles what exp4 did, from the cache) or 'hash' (test_hash). Every experiment falls in one,
-    so every one is run; three tests in three files let the two test workers share them."""
-    import report
-
-    cfg = report.experiment_config(exp)
-    return "hash" if cfg["ENCODING"] == "hash" else "bitnerf" if cfg["MODEL"] == "bitnerf" else "nerf"
-
-
-def check_quick_report(tmp_path, group):
-    """Run `report.py --quick` on the experiments of a quick_report_group; assert each went through the report and
+def check_quick_report(tmp_path, exps, *overrides):
+    """Run `report.py --quick` (with config overrides) on some experiments; assert each went through the report and
     its row of the table parses, with an export for a BitNeRF, and that the GIFs and curves were written."""
     import report
 
-    exps = [e for e in report.EXPERIMENTS if quick_report_group(e) == group]
     out = run_cli("report.py", "--quick", "--budget_s=2", f"--only={','.join(exps)}", f"--out_dir={tmp_path}",
-                  "--wandb=disabled", timeout=600)
+                  "--wandb=disabled", *overrides, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = table_rows((tmp_path / "results.md").read_text())
     assert [r["experiment"] for r in rows] == exps
     for r in rows:
-        cfg = report.experiment_config(r["experiment"])
+        cfg = report.experiment_config(r["experiment"], overrides)
         assert int(r["steps"]) > 0 and float(r["train s"]) >= 2 - 1
         assert float(r["samples/s"].replace(",", "")) > 0 and int(r["peak mem MB"]) > 0
         assert 5.0 < float(r["val PSNR"].split()[0]) < 60.0 and -1.0 <= float(r["val SSIM"]) <= 1.0

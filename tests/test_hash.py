@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
+import report
 import train
-from bitnerf import build_bitnerf, export_ternary, load_ternary, pack_bits, table_codes, unpack_bits
+from bitnerf import build_bitnerf, export_ternary, load_ternary, pack_bits, plain, table_codes, unpack_bits
 from configs import EXP7
 from conftest import check_quick_report, run_cli, small
 from nerf import HashEncoding, HashNeRF, level_resolutions
@@ -86,10 +87,10 @@ def hash_cfg(out_dir, **overrides):
 
 
 def test_the_hash_model_beats_the_frequency_model_in_the_same_steps(tmp_path):
-    steps = {"MAX_STEPS": 200, "EVAL_VIEWS": 4}
+    steps = {"MAX_STEPS": 100, "EVAL_VIEWS": 4}
     freq = train.train({**small(tmp_path / "freq"), **steps})
     hashed = train.train(hash_cfg(tmp_path / "hash", **steps))
-    assert hashed["val_psnr"] > freq["val_psnr"] + 1.0, (hashed["val_psnr"], freq["val_psnr"])  # 19.5 vs 17.6 dB
+    assert hashed["val_psnr"] > freq["val_psnr"] + 1.0, (hashed["val_psnr"], freq["val_psnr"])  # 17.6 vs 15.4 dB
 
 
 def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
@@ -106,19 +107,28 @@ def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
     assert metrics["val_psnr"] > 10  # it trains to a finite, rising image (it starts near 5 dB black)
 
 
-def test_the_compiled_hash_model_equals_the_eager_one():
+def test_the_compiled_bitnerf_hash_model_equals_the_eager_one():
+    """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): the hash lookup, its fake-quantized
+    table and the ternary layers compute, forward and backward, what they do eagerly. Its quick report trains it
+    eagerly (--compile=false): compiling there would cost more than its run."""
+    cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12}
+    assert cfg["COMPILE"]
+    model = train.build_model(cfg, torch.device("cpu"))
     torch.manual_seed(0)
-    model = HashNeRF(hash_levels=4, hash_log2_size=12)
-    xyz = torch.rand(256, 3) * 2 - 1
-    eager_rgb, eager_sigma = model(xyz)
-    (eager_rgb.sum() + eager_sigma.sum()).backward()
-    eager_grad = model.encoding.table.grad.clone()
-    model.zero_grad()
-    rgb, sigma = torch.compile(model)(xyz)
-    (rgb.sum() + sigma.sum()).backward()
-    torch.testing.assert_close(rgb, eager_rgb)
-    torch.testing.assert_close(sigma, eager_sigma)
-    torch.testing.assert_close(model.encoding.table.grad, eager_grad)
+    xyz, d = torch.rand(4096, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(4096, 3), dim=-1)
+    results = []
+    for net in (model, torch.compile(model, dynamic=True)):
+        model.zero_grad()
+        rgb, sigma = net(xyz, d)
+        (rgb.square().sum() + sigma.sum()).backward()
+        results.append((rgb.detach(), sigma.detach(), [plain(p.grad).clone() for p in model.parameters()]))
+    (rgb, sigma, grads), (rgb_c, sigma_c, grads_c) = results
+    # a fused RMSNorm can round a few activations to the neighbouring int8 step (test_bitnerf): close, not bit-equal
+    for a, b in ((rgb, rgb_c), (sigma, sigma_c)):
+        assert (a - b).abs().max() < 1e-2 * (1 + b.abs().max()) and (a - b).abs().mean() < 1e-4 * (1 + b.abs().mean())
+    assert grads[0].abs().sum() > 0  # the table's gradient, the model's first parameter
+    for g, g_c in zip(grads, grads_c, strict=True):
+        assert (g - g_c).norm() <= 1e-2 * g.norm() + 1e-6
 
 
 def bit_hash_cfg(bits):
@@ -180,9 +190,12 @@ def test_eval_scores_a_hash_run_as_training_did(tmp_path):
     assert json.loads(res.stdout.strip().splitlines()[-1])["psnr"] == pytest.approx(metrics["val_psnr"], abs=1e-3)
 
 
-def test_quick_report_trains_and_tabulates_the_hash_experiments(tmp_path):
-    """exp7 and exp7-bitnerf (compiled, exported) through report.py --quick (test_report: the others)."""
-    assert [r["experiment"] for r in check_quick_report(tmp_path, "hash")] == ["exp7", "exp7-bitnerf"]
+def test_quick_report_trains_exports_and_tabulates_the_bitnerf_hash_model(tmp_path):
+    """exp7-bitnerf through report.py --quick (test_report: exp7), eager: a config override reaches an experiment
+    after a variant's own flags (exp7-bitnerf's --compile=true)."""
+    assert [r["experiment"] for r in check_quick_report(tmp_path, ["exp7-bitnerf"], "--compile=false")] == [
+        "exp7-bitnerf"]
+    assert json.loads((tmp_path / "exp7-bitnerf" / "metrics.json").read_text())["compile_seconds"] == 0
 
 
 def test_bench_profile_splits_a_step_and_measures_the_memory_bandwidth(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
 """report.py: one command runs every experiment and writes a results table, curves and GIFs."""
+import json
 import os
 import signal
 import subprocess
@@ -6,26 +7,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import configs
 import report
 from configs import UserError
-from conftest import ROOT, check_quick_report, quick_report_group, run_cli
+from conftest import ROOT, check_quick_report, run_cli, table_rows
 
 
-def test_quick_report_runs_every_nerf_experiment_and_writes_a_table_that_parses(tmp_path):
-    """With test_bitnerf's and test_hash's, every experiment of report.py runs (conftest.quick_report_group)."""
+def test_quick_report_runs_experiments_and_writes_a_table_that_parses(tmp_path):
+    """exp5 (torchrun) and exp7 (the hash model, fine samples); test_bitnerf's and test_hash's quick reports run a
+    compiled BitNeRF under torchrun and the BitNeRF-hash model, each exported."""
     readme = Path(ROOT) / "README.md"
     readme_before = readme.read_text()
-    assert [r["experiment"] for r in check_quick_report(tmp_path, "nerf")] == ["exp1", "exp2", "exp3", "exp5"]
+    assert [r["experiment"] for r in check_quick_report(tmp_path, ["exp5", "exp7"])] == ["exp5", "exp7"]
     assert readme.read_text() == readme_before  # --quick never rewrites the README
-
-
-def test_the_quick_reports_groups_hold_every_experiment():
-    groups = {g: [e for e in report.EXPERIMENTS if quick_report_group(e) == g] for g in ("nerf", "bitnerf", "hash")}
-    assert groups == {"nerf": ["exp1", "exp2", "exp3", "exp5"], "bitnerf": ["exp4", "exp6"],
-                      "hash": ["exp7", "exp7-bitnerf"]}
 
 
 def test_ddp_experiments_take_two_processes_or_one_per_gpu(monkeypatch):
@@ -135,14 +132,41 @@ def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_report_groups_its_wandb_runs_under_its_name_offline(tmp_path):
+def test_config_overrides_reach_every_experiment_after_its_own_flags_and_report_keys_are_refused():
+    args = report.parse_args(["--out_dir=x", "--only=exp1,exp7-bitnerf", "--compile=false", "--emb_dim=32"])
+    assert args.readme is None  # a report with overrides is not the presets' report: it never rewrites the README
+    for exp in args.exps:
+        cmd = report.command(exp, args, "run")
+        assert cmd[-2:] == ["--compile=false", "--emb_dim=32"]
+        assert configs.apply_overrides(configs.EXP1, cmd[2:])["COMPILE"] is False  # the last one wins
+    metrics = dict.fromkeys(("val_psnr", "val_ssim", "world_size", "steps", "train_seconds", "wall_seconds",
+                             "samples_per_s", "peak_mem_mb"), 1)
+    row = report.table_row("exp1", [metrics], "run", (), ["--dtype=bfloat16"])
+    assert row["precision"] == "fp32, bfloat16 autocast"  # the table describes what trained
+    for bad, words in (("--seed=3", "--seed=3: the report sets it"), ("--emb_dim=x", "expected int"),
+                       ("--nope=1", "unknown key --nope"), ("stray", "bad argument 'stray'")):
+        with pytest.raises(UserError, match=words):
+            report.parse_args(["--out_dir=x", "--only=exp1", bad])
+
+
+def test_report_with_two_seeds_gives_mean_and_spread_and_groups_its_wandb_runs_offline(tmp_path):
     out_dir = tmp_path / "report-test-group"
-    out = run_cli("report.py", "--quick", "--budget_s=2", "--only=exp1", f"--out_dir={out_dir}", "--wandb=offline",
-                  timeout=300)
+    out = run_cli("report.py", "--quick", "--budget_s=2", "--only=exp1", "--seeds=2", f"--out_dir={out_dir}",
+                  "--wandb=offline", timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    runs = list((out_dir / "exp1" / "wandb").glob("offline-run-*/run-*.wandb"))
-    # the group is a length-prefixed protobuf string field of the run record (the path in the config is not)
-    assert len(runs) == 1 and bytes([len(out_dir.name)]) + out_dir.name.encode() in runs[0].read_bytes()
+    row = table_rows((out_dir / "results.md").read_text())[0]
+    mean, std = (float(x) for x in row["val PSNR"].split(" ± "))
+    runs = [json.loads((out_dir / "exp1" / f"seed{k}" / "metrics.json").read_text()) for k in range(2)]
+    assert mean == pytest.approx(np.mean([r["val_psnr"] for r in runs]), abs=0.006)
+    spread = np.std([r["val_psnr"] for r in runs], ddof=1)
+    assert std == pytest.approx(spread, abs=0.006) and spread > 0  # two seeds, two runs (the cell rounds to 0.01)
+    assert json.loads((out_dir / "exp1" / "seed1" / "config.json").read_text())["SEED"] == configs.EXP1["SEED"] + 1
+    assert "mean ± sample standard deviation over 2 seeds" in (out_dir / "results.md").read_text()
+    assert (out_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for k in range(2):
+        wandb_runs = list((out_dir / "exp1" / f"seed{k}" / "wandb").glob("offline-run-*/run-*.wandb"))
+        # the group is a length-prefixed protobuf string field of the run record (the path in the config is not)
+        assert len(wandb_runs) == 1 and bytes([len(out_dir.name)]) + out_dir.name.encode() in wandb_runs[0].read_bytes()
 
 
 def processes_naming(text):

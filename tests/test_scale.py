@@ -144,23 +144,6 @@ def test_the_full_size_recipes_train_and_write_their_video(tmp_path, folder, rec
     assert imageio.mimread(tmp_path / "run" / "video.gif")[0].shape[:2] == (size, size)
 
 
-def test_report_with_two_seeds_gives_mean_and_spread(tmp_path):
-    out = run_cli("report.py", "--quick", "--budget_s=2", "--only=exp1", "--seeds=2", f"--out_dir={tmp_path}",
-                  "--wandb=disabled", timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    row = [ln for ln in (tmp_path / "results.md").read_text().splitlines() if ln.startswith("| exp1")][0]
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    psnr = cells[-2]
-    mean, std = (float(x) for x in psnr.split(" ± "))
-    runs = [json.loads((tmp_path / "exp1" / f"seed{k}" / "metrics.json").read_text()) for k in range(2)]
-    assert mean == pytest.approx(np.mean([r["val_psnr"] for r in runs]), abs=0.006)
-    spread = np.std([r["val_psnr"] for r in runs], ddof=1)
-    assert std == pytest.approx(spread, abs=0.006) and spread > 0  # two seeds, two runs (the cell rounds to 0.01)
-    assert json.loads((tmp_path / "exp1" / "seed1" / "config.json").read_text())["SEED"] == EXP1["SEED"] + 1
-    assert "mean ± sample standard deviation over 2 seeds" in (tmp_path / "results.md").read_text()
-    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_report_reads_the_psnr_at_the_time_to_quality_marks(monkeypatch):
     import report
 

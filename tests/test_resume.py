@@ -1,5 +1,6 @@
 """Stopping and resuming: a resumed run ends as an uninterrupted one, whatever stopped it (Ctrl-C, SIGTERM, SIGKILL,
 a full disk, a NaN), keeps what was written, takes this run's settings and never another run's data or shape."""
+import functools
 import json
 import os
 import subprocess
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval as evaluate
 import train
-from configs import EXP7, UserError
-from conftest import FAST, ROOT, one_line_error, run_cli, synthetic_capture
+from configs import EXP1, EXP7, UserError
+from conftest import FAST, ROOT, main_error, run_cli, synthetic_capture
 
 
 @pytest.mark.parametrize("encoding", ["frequency", "hash"])
@@ -217,24 +219,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(small_cfg, monkeypa
     assert Path(path).read_bytes() == before
 
 
-def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path):
+def test_corrupt_or_mismatched_checkpoint_is_refused_and_kept(tmp_path, capsys):
+    """Through the main the scripts call, in this process (test_train: one at the command line)."""
+    exp1 = functools.partial(train.main, EXP1)
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"not a checkpoint")
-    one_line_error(run_cli("exp1.py", *FAST, f"--out_dir={out}"), "not a readable checkpoint")
+    main_error(capsys, exp1, [*FAST, f"--out_dir={out}"], "not a readable checkpoint")
     assert (out / "ckpt.pt").read_bytes() == b"not a checkpoint"
     other = tmp_path / "other"
-    assert run_cli("exp1.py", *FAST, f"--out_dir={other}").returncode == 0
+    exp1([*FAST, f"--out_dir={other}"])
     before = (other / "ckpt.pt").read_bytes()
-    one_line_error(run_cli("exp1.py", *FAST, "--emb_dim=32", f"--out_dir={other}"),
-                   "model of another shape: emb_dim=16 (this run: 32); pass its values as --key=value")
+    main_error(capsys, exp1, [*FAST, "--emb_dim=32", f"--out_dir={other}"],
+               "model of another shape: emb_dim=16 (this run: 32); pass its values as --key=value")
     assert (other / "ckpt.pt").read_bytes() == before
     ckpt = torch.load(other / "ckpt.pt", weights_only=True)  # as older code wrote it: the input not padded 63 -> 64
     ckpt["model"]["layers.0.weight"] = ckpt["model"]["layers.0.weight"][:, :63]
     torch.save(ckpt, other / "ckpt.pt")
     before = (other / "ckpt.pt").read_bytes()
-    one_line_error(run_cli("exp1.py", *FAST, f"--out_dir={other}"), "do not fit this version's model")
-    one_line_error(run_cli("eval.py", str(other)), "do not fit this version's model")
+    main_error(capsys, exp1, [*FAST, f"--out_dir={other}"], "do not fit this version's model")
+    main_error(capsys, evaluate.main, [str(other)], "do not fit this version's model")
     assert (other / "ckpt.pt").read_bytes() == before
 
 

@@ -1,5 +1,6 @@
 """The training loop end to end: learning, the LR schedule, outputs, logging, data and bad input at the command
 line (resuming: test_resume.py; eval.py: test_eval.py)."""
+import functools
 import json
 import math
 import os
@@ -9,8 +10,10 @@ import sys
 import pytest
 import torch
 
+import eval as evaluate
 import train
-from conftest import FAST, ROOT, one_line_error, run_cli
+from configs import EXP1, EXP2, EXP5
+from conftest import FAST, ROOT, main_error, one_line_error, run_cli
 
 
 def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
@@ -47,7 +50,6 @@ def lr_schedule(cfg, seconds_per_step=0.0):
 def test_the_lr_warms_up_to_its_peak_then_falls_smoothly_to_min_lr_in_any_run(run, peak):
     """Warm-up takes WARMUP_STEPS or a tenth of the run, whichever is shorter; the cosine spans the rest. Before, a
     120-step run fell 11x in one step when warm-up ended, and a 30-step one never left warm-up (ending at 0.3 LR)."""
-    from configs import EXP1
 
     timed = "seconds" in run
     cfg = {**EXP1, "WARMUP_STEPS": 100, "MAX_STEPS": 10 ** 9 if timed else int(run.split()[0]),
@@ -102,20 +104,23 @@ def test_non_finite_steps_can_be_skipped_instead(small_cfg, monkeypatch):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    """At the command line once; the other cases through the main the scripts call, in this process."""
     one_line_error(run_cli("exp1.py", "--bogus=3"), "unknown key --bogus")
-    one_line_error(run_cli("exp1.py", "--num_samples=0"), "must be > 0")
-    one_line_error(run_cli("exp1.py", "--data=/no/such/file.npz", f"--out_dir={tmp_path / 'a'}"), "data not found")
+    exp1, exp2, exp5 = (functools.partial(train.main, preset) for preset in (EXP1, EXP2, EXP5))
+    main_error(capsys, exp1, ["--num_samples=0"], "must be > 0")
+    main_error(capsys, exp1, ["--data=/no/such/file.npz", f"--out_dir={tmp_path / 'a'}"], "data not found")
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
-    one_line_error(run_cli("exp1.py", *FAST, f"--out_dir={blocker / 'sub'}"), "cannot write to --out_dir")
+    main_error(capsys, exp1, [*FAST, f"--out_dir={blocker / 'sub'}"], "cannot write to --out_dir")
     assert blocker.read_text() == "keep me"
-    one_line_error(run_cli("exp2.py", *FAST, "--dtype=float16", "--device=cpu", f"--out_dir={tmp_path / 'b'}"),
-                   "float16 needs CUDA")
-    one_line_error(run_cli("exp5.py", *FAST, "--ddp_backend=nccl", f"--out_dir={tmp_path / 'c'}",
-                           env={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                                "MASTER_PORT": "29599"}), "nccl needs CUDA")
-    one_line_error(run_cli("eval.py", str(tmp_path / "none")), "no checkpoint at")
+    main_error(capsys, exp2, [*FAST, "--dtype=float16", "--device=cpu", f"--out_dir={tmp_path / 'b'}"],
+               "float16 needs CUDA")
+    main_error(capsys, evaluate.main, [str(tmp_path / "none")], "no checkpoint at")
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29599"}.items():
+        monkeypatch.setenv(key, value)
+    main_error(capsys, exp5, [*FAST, "--ddp_backend=nccl", f"--out_dir={tmp_path / 'c'}"], "nccl needs CUDA")
 
 
 def test_wandb_offline_without_a_key_writes_a_local_run(small_cfg, monkeypatch, tmp_path):

@@ -1,5 +1,6 @@
 """view.py and --viewer=true: the camera conversion, the server on loopback, bad input, a real browser showing the
 scene, and training that takes the same steps with the viewer on."""
+import functools
 import math
 import os
 import signal
@@ -18,8 +19,8 @@ from browser import Browser, chromium, free_port
 
 import train
 import view
-from configs import EXP7
-from conftest import ROOT, one_line_error, run_cli, small
+from configs import EXP1, EXP7
+from conftest import ROOT, main_error, one_line_error, run_cli, small
 from dataset import scene_of
 from eval import load_field
 from render import Frame, render_view
@@ -119,19 +120,21 @@ def test_view_py_listens_on_loopback_serves_its_page_and_stops_cleanly(hash_run)
     assert proc.returncode == 0 and "Traceback" not in "".join(said), "".join(said)[-2000:]
 
 
-def test_a_bad_checkpoint_port_or_size_is_one_line_and_exit_2(hash_run, tmp_path):
+def test_a_bad_checkpoint_port_or_size_is_one_line_and_exit_2(hash_run, tmp_path, capsys):
+    """At the command line once; the other cases through the mains the scripts call, in this process."""
     bad = tmp_path / "ckpt.pt"
     bad.write_bytes(b"not a checkpoint")
     one_line_error(run_cli("view.py", str(bad)), "not a readable checkpoint")
-    one_line_error(run_cli("view.py", hash_run, "--port=70000"), "pick 0 to 65535")
+    main_error(capsys, view.main, [hash_run, "--port=70000"], "pick 0 to 65535")
     with socket.socket() as taken:
         taken.bind(("0.0.0.0", 0))
         taken.listen()
-        res = run_cli("view.py", hash_run, "--host=0.0.0.0", f"--port={taken.getsockname()[1]}")
-    one_line_error(res, "cannot listen on 0.0.0.0")
-    assert "warning: the viewer listens on 0.0.0.0" in res.stderr  # not loopback: said before anything else
-    one_line_error(run_cli("exp1.py", "--data=synthetic", "--viewer=true", "--viewer_res=4000",
-                           f"--out_dir={tmp_path / 'run'}"), "pick 64 to 2048 px")
+        err = main_error(capsys, view.main, [hash_run, "--host=0.0.0.0", f"--port={taken.getsockname()[1]}"],
+                         "cannot listen on 0.0.0.0")
+    assert "warning: the viewer listens on 0.0.0.0" in err  # not loopback: said before anything else
+    main_error(capsys, functools.partial(train.main, EXP1),
+               ["--data=synthetic", "--viewer=true", "--viewer_res=4000", f"--out_dir={tmp_path / 'run'}"],
+               "pick 64 to 2048 px")
     assert not (tmp_path / "run").exists()  # said before anything was written
 
 

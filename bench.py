@@ -32,10 +32,12 @@ gradient all-reduce and without it (no_sync), and the all-reduce of the gradient
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 bench.py --ddp [--exps=exp5,exp7]
 """
 import argparse
+import atexit
 import contextlib
 import gc
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -268,9 +270,10 @@ def profile_row(cfg, device, steps, warm_steps):
 def bench_config(exp, args, overrides):
     """The experiment's preset with the overrides and the benchmark's own settings applied."""
     preset = configs.apply_overrides(getattr(configs, exp.upper()), overrides)
+    out_dir = tempfile.mkdtemp(prefix=f"bench_{exp}_")
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)  # the run's checkpoint: not left behind in /tmp
     return {**preset, "DATA": args.data, "WANDB": "disabled", "VIDEO_FRAMES": 0,
-            "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]),
-            "OUT_DIR": tempfile.mkdtemp(prefix=f"bench_{exp}_")}
+            "COMPILE": {"on": True, "off": False}.get(args.compile, preset["COMPILE"]), "OUT_DIR": out_dir}
 
 
 def run_child(args, overrides):

@@ -48,7 +48,7 @@ def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     # exp7 on a made-up LLFF capture: its frame, NDC and per-view bounds, which each rank chooses alike
     exp7_args = ["--hash_levels=6", "--hash_log2_size=12", f"--data={llff_capture(tmp_path / 'llff')[0]}",
                  "--downscale=4"] if exp == "exp7.py" else []
-    lower = ["--lr=1e-3"] if exp == "exp6.py" else []
+    lower = ["--lr=1e-3", "--emb_dim=64"] if exp == "exp6.py" else []  # narrower: the eager QAT model is slow
     # a validation split over the ranks midway: exp5 and exp7 (eager QAT, exp6, renders slowly; it validates at the end)
     midway = ["--eval_every=0"] if exp == "exp6.py" else ["--eval_every=5"]
     args = [exp, *TINY, *exp7_args, *lower, "--max_steps=10", *midway, "--ckpt_every=1000", "--compile=false",
@@ -128,14 +128,3 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(tmp_path):
     assert code == 0, err[-3000:]
     assert "resuming" in err
     assert torch.load(ckpt, weights_only=True)["step"] == 200
-
-
-def test_consecutive_two_process_runs_exit_cleanly(tmp_path):
-    """gloo under torchrun can abort at exit if the DDP module outlives the process group (train.train collects it
-    first): 2 short runs in a row, both exit 0 (as must the suite's dozen other torchrun runs)."""
-    for i in range(2):
-        log = tmp_path / f"log{i}"
-        proc = torchrun("exp5.py", *TINY, "--max_steps=2", "--eval_every=0", f"--out_dir={tmp_path / str(i)}",
-                        log=log)
-        code, err = finish(proc, log)
-        assert code == 0, (i, err[-3000:])

@@ -11,12 +11,13 @@ training time passes an eighth of the budget (the PSNR curve; a half under --qui
 --seeds=N each experiment trains N times (SEED 0 .. N-1): the table gives mean +- standard deviation, the curves
 their spread. Once all have run, their 360-degree orbit and depth GIFs, the table and the curves are written to
 the media directory.
-A full report (every preset, not --quick) writes media/ and rewrites the README's results block; --only and --quick
-write theirs under the run directory instead. --quick (a few seconds per experiment, a coarser occupancy grid)
-checks that the pipeline works. --scenes runs the report on each scene (a data path, @K: its downscale) into
-OUT_DIR/SCENE (its results.md, curves and GIFs under MEDIA_DIR/SCENE), then writes scenes.md: the field's table of
-PSNR and SSIM per scene and their mean, a BitNeRF export and its size on a row of its own. Ctrl-C, SIGTERM or
-SIGHUP (a closed terminal) stops the running experiment at its checkpoint and writes nothing to the media directory.
+A full report (every preset, not --quick, no config overrides) writes media/ and rewrites the README's results
+block; --only, --quick, --scenes and overrides write theirs under the run directory instead. --quick (a few seconds
+per experiment, a coarser occupancy grid) checks that the pipeline works. --scenes runs the report on each scene (a
+data path, @K: its downscale) into OUT_DIR/SCENE (its results.md, curves and GIFs under MEDIA_DIR/SCENE), then
+writes scenes.md: the field's table of PSNR and SSIM per scene and their mean, a BitNeRF export and its size on a
+row of its own. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stops the running experiment at its checkpoint and
+writes nothing to the media directory.
 """
 import argparse
 import json
@@ -38,7 +39,8 @@ EXPERIMENTS = (*configs.PRESETS, *configs.VARIANTS)
 VIDEO_FRAMES = 60  # orbit frames rendered per experiment: half the default, to keep the GIFs in git small
 # --quick: a pipeline check. A 32^3 occupancy grid: a BitNeRF export's grid, measured from the model, costs 8x less
 QUICK = {"budget_s": 10.0, "video_frames": 4, "data": "synthetic", "curve_points": 2, "grid_res": 32}
-# keys every experiment's command line sets from the report's own options (command()): not overridable
+# keys every experiment's command line sets from the report's own options (command()): not overridable (GRID_RES,
+# which --quick sets, is: an override of it wins)
 REPORT_KEYS = {"DATA", "DOWNSCALE", "RECIPE", "OUT_DIR", "TIME_BUDGET_S", "MAX_STEPS", "WANDB", "VIDEO_FRAMES",
                "EVAL_EVERY", "EVAL_AT_S", "SEED"}
 CURVE_POINTS = 8  # validations on all views per run, at equal shares of the budget (the last one at its end)
@@ -119,15 +121,20 @@ def preset_and_flags(exp):
 
 def experiment_config(exp, overrides=()):
     """The config an experiment of the report trains: its preset, with a variant's flags and then the report's
-    overrides applied."""
+    (config_args) applied."""
     preset, flags = preset_and_flags(exp)
     return configs.apply_overrides(configs.PRESETS[preset], [*flags, *overrides])
+
+
+def config_args(args):
+    """What the report applies over every experiment's config: its --recipe, then the config overrides."""
+    return [f"--recipe={args.recipe}"] * bool(args.recipe) + args.overrides
 
 
 def command(exp, args, run_dir, seed=0):
     """The command line that trains one experiment (with its config's SEED plus seed) for the report."""
     preset, flags = preset_and_flags(exp)
-    cfg = experiment_config(exp, args.overrides)
+    cfg = experiment_config(exp, config_args(args))
     script = os.path.join(ROOT, f"{preset}.py")  # run from the caller's directory: relative paths mean the same
     launch = [sys.executable, script]
     if cfg["LAUNCH"] == "torchrun":
@@ -328,7 +335,7 @@ def update_readme(path, text):
 
 
 def parse_args(argv):
-    """Command-line options; --quick fills in a short budget unless one is given."""
+    """Command-line options (and config overrides, checked); --quick fills in a short budget unless one is given."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # --seed is not --seeds
     p.add_argument("--budget_s", type=float, default=None, help="training seconds per experiment (default 600)")
     p.add_argument("--data", default=None, help="default: ../shared/data/lego_tiny.npz if present, else tiny_nerf "
@@ -358,7 +365,7 @@ def parse_args(argv):
     if args.seeds < 1 or (args.downscale is not None and args.downscale < 1):
         raise configs.UserError(f"--seeds={args.seeds} --downscale={args.downscale}: both must be >= 1")
     args.scenes = parse_scenes(args.scenes) if args.scenes else None
-    # a partial or multi-scene report must not replace the full one
+    # a partial, multi-scene or overridden report must not replace the full one
     full = not (args.quick or args.scenes or args.overrides) and sorted(args.exps) == sorted(EXPERIMENTS)
     args.media_dir = args.media_dir or (os.path.join(ROOT, "media") if full else args.out_dir)
     args.readme = args.readme if full else None
@@ -381,7 +388,7 @@ def check_overrides(args):
         raise configs.UserError(f"{own[0]}: the report sets it (use --data, --downscale, --recipe, --budget_s, "
                                 "--seeds, --out_dir or --wandb)")
     for exp in args.exps:
-        experiment_config(exp, args.overrides)
+        experiment_config(exp, config_args(args))
 
 
 def scene_args(args, scene):
@@ -441,7 +448,7 @@ def run_all(args, argv):
             runs += [metrics] if metrics is not None else []
         if len(runs) == args.seeds:
             results[exp] = runs
-            rows.append(table_row(exp, runs, run_dir, time_marks(args.budget_s), args.overrides))
+            rows.append(table_row(exp, runs, run_dir, time_marks(args.budget_s), config_args(args)))
     return results, rows
 
 

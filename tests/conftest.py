@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -58,8 +59,13 @@ def one_line_error(res, words):
 def main_error(capsys, main, argv, words):
     """one_line_error for a script's main called in this process (what the script runs, without its start-up);
     returns what it wrote to stderr."""
-    with pytest.raises(SystemExit) as stop:
-        main(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+    finally:  # view.main takes Ctrl-C back from an ignoring parent: this worker's later children must not see that
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     err = capsys.readouterr().err
     one_line_error(subprocess.CompletedProcess(argv, stop.value.code, "", err), words)
     return err

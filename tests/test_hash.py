@@ -109,26 +109,30 @@ def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
 
 def test_the_compiled_bitnerf_hash_model_equals_the_eager_one():
     """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): the hash lookup, its fake-quantized
-    table and the ternary layers compute, forward and backward, what they do eagerly. Its quick report trains it
-    eagerly (--compile=false): compiling there would cost more than its run."""
+    table and the ternary layers compute, forward and backward and in the no-grad rendering graph, what they do
+    eagerly. Its quick report trains it eagerly (--compile=false): compiling there would cost more than its run."""
     cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12}
     assert cfg["COMPILE"]
     model = train.build_model(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     xyz, d = torch.rand(4096, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(4096, 3), dim=-1)
-    results = []
-    for net in (model, torch.compile(model, dynamic=True)):
+    results, compiled = [], torch.compile(model, dynamic=True)
+    for net in (model, compiled):
         model.zero_grad()
         rgb, sigma = net(xyz, d)
         (rgb.square().sum() + sigma.sum()).backward()
         results.append((rgb.detach(), sigma.detach(), [plain(p.grad).clone() for p in model.parameters()]))
     (rgb, sigma, grads), (rgb_c, sigma_c, grads_c) = results
     # a fused RMSNorm can round a few activations to the neighbouring int8 step (test_bitnerf): close, not bit-equal
-    for a, b in ((rgb, rgb_c), (sigma, sigma_c)):
-        assert (a - b).abs().max() < 1e-2 * (1 + b.abs().max()) and (a - b).abs().mean() < 1e-4 * (1 + b.abs().mean())
+    close = lambda a, b: (a - b).abs().max() < 1e-2 * (1 + b.abs().max()) and (  # noqa: E731
+        (a - b).abs().mean() < 1e-4 * (1 + b.abs().mean()))
+    assert close(rgb, rgb_c) and close(sigma, sigma_c)
     assert grads[0].abs().sum() > 0  # the table's gradient, the model's first parameter
     for g, g_c in zip(grads, grads_c, strict=True):
         assert (g - g_c).norm() <= 1e-2 * g.norm() + 1e-6
+    with torch.no_grad():  # the rendering graph, which train.compile_model compiles too
+        rgb_r, sigma_r = compiled(xyz, d)
+    assert close(rgb, rgb_r) and close(sigma, sigma_r)
 
 
 def bit_hash_cfg(bits):

@@ -95,7 +95,7 @@ def test_report_rewrites_only_the_readme_block(tmp_path):
 def test_only_a_full_report_writes_media_and_the_readme(tmp_path):
     full = report.parse_args([f"--out_dir={tmp_path}"])
     assert full.media_dir == os.path.join(ROOT, "media") and full.readme == os.path.join(ROOT, "README.md")
-    for partial in (["--only=exp1,exp4"], ["--quick"]):
+    for partial in (["--only=exp1,exp4"], ["--quick"], ["--emb_dim=32"]):
         args = report.parse_args([*partial, f"--out_dir={tmp_path}"])
         assert args.media_dir == str(tmp_path) and args.readme is None, partial
 
@@ -134,7 +134,6 @@ def test_unknown_experiment_is_one_line_and_exit_2(tmp_path):
 
 def test_config_overrides_reach_every_experiment_after_its_own_flags_and_report_keys_are_refused():
     args = report.parse_args(["--out_dir=x", "--only=exp1,exp7-bitnerf", "--compile=false", "--emb_dim=32"])
-    assert args.readme is None  # a report with overrides is not the presets' report: it never rewrites the README
     for exp in args.exps:
         cmd = report.command(exp, args, "run")
         assert cmd[-2:] == ["--compile=false", "--emb_dim=32"]
@@ -147,6 +146,8 @@ def test_config_overrides_reach_every_experiment_after_its_own_flags_and_report_
                        ("--nope=1", "unknown key --nope"), ("stray", "bad argument 'stray'")):
         with pytest.raises(UserError, match=words):
             report.parse_args(["--out_dir=x", "--only=exp1", bad])
+    # checked as the runs will train: under the recipe (cpu800's finest grid 2048 is above this base resolution)
+    report.parse_args(["--out_dir=x", "--only=exp7", "--recipe=cpu800", "--hash_base_res=512"])
 
 
 def test_report_with_two_seeds_gives_mean_and_spread_and_groups_its_wandb_runs_offline(tmp_path):

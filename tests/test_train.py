@@ -120,7 +120,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29599"}.items():
         monkeypatch.setenv(key, value)
-    main_error(capsys, exp5, [*FAST, "--ddp_backend=nccl", f"--out_dir={tmp_path / 'c'}"], "nccl needs CUDA")
+    main_error(capsys, exp5, [*FAST, "--ddp_backend=nccl", "--device=cpu", f"--out_dir={tmp_path / 'c'}"],
+               "nccl needs CUDA")
 
 
 def test_wandb_offline_without_a_key_writes_a_local_run(small_cfg, monkeypatch, tmp_path):

@@ -109,15 +109,15 @@ def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
 
 def test_the_compiled_bitnerf_hash_model_equals_the_eager_one():
     """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): the hash lookup, its fake-quantized
-    table and the ternary layers compute, forward and backward and in the no-grad rendering graph, what they do
-    eagerly. Its quick report trains it eagerly (--compile=false): compiling there would cost more than its run."""
+    table and the ternary layers compute, forward and backward, what they do eagerly (not the no-grad rendering
+    graph: 20 s more, cold). Its quick report trains it eagerly (--compile=false): compiling costs more than its run."""
     cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12}
     assert cfg["COMPILE"]
     model = train.build_model(cfg, torch.device("cpu"))
     torch.manual_seed(0)
     xyz, d = torch.rand(4096, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(4096, 3), dim=-1)
-    results, compiled = [], torch.compile(model, dynamic=True)
-    for net in (model, compiled):
+    results = []
+    for net in (model, torch.compile(model, dynamic=True)):
         model.zero_grad()
         rgb, sigma = net(xyz, d)
         (rgb.square().sum() + sigma.sum()).backward()
@@ -130,9 +130,6 @@ def test_the_compiled_bitnerf_hash_model_equals_the_eager_one():
     assert grads[0].abs().sum() > 0  # the table's gradient, the model's first parameter
     for g, g_c in zip(grads, grads_c, strict=True):
         assert (g - g_c).norm() <= 1e-2 * g.norm() + 1e-6
-    with torch.no_grad():  # the rendering graph, which train.compile_model compiles too
-        rgb_r, sigma_r = compiled(xyz, d)
-    assert close(rgb, rgb_r) and close(sigma, sigma_r)
 
 
 def bit_hash_cfg(bits):

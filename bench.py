@@ -301,7 +301,7 @@ def run_child(args, overrides):
         for mark in marks:
             seen = [h["psnr"] for h in metrics["history"] if mark in h.get("at_s", [])]
             row[f"psnr@{mark:g}s"] = round(seen[0], 2) if seen else None
-        model = train.build_model(cfg, device)
+        model = train.build_model(train.data_config(cfg), device)  # as trained: its table's size is the data's
         mlp = (counts["grad"] * mlp_flops_per_point(model) + counts["no_grad"] * mlp_flops_per_point(model, False)) \
             / metrics["train_seconds"] / 1e9
         samples = metrics["steps"] * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
@@ -312,16 +312,17 @@ def run_child(args, overrides):
                       "mm_peak_gflops": round(peak), "% of mm peak": round(100 * mlp / peak, 1)})
     else:
         cfg.update(MAX_STEPS=args.steps, EVAL_EVERY=0, CKPT_EVERY=10 ** 9)
+        model_cfg = train.data_config(cfg)  # the model training builds: its table's size is the data's
         whole = cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])
         for key, points in (("", whole), (" culled", CULLED_POINTS)):
-            mlp, peak = mlp_step_gflops(cfg, device, points)
+            mlp, peak = mlp_step_gflops(model_cfg, device, points)
             row.update({f"mlp_gflops{key}": round(mlp, 1), f"mm_peak_gflops{key}": round(peak),
                         f"% of mm peak{key}": round(100 * mlp / peak, 1)})
-        model = train.build_model(cfg, device).eval()
+        model = train.build_model(model_cfg, device).eval()
         row["infer_samples_per_s"] = round(inference_samples_per_s(model, cfg, device))
         if cfg["MODEL"] == "bitnerf":  # and the exported ternary model, as eval.py runs it
             from bitnerf import export_ternary, load_ternary
-            exported = load_ternary(export_ternary(model, {}), cfg).to(device)
+            exported = load_ternary(export_ternary(model, {}), model_cfg).to(device)
             row["export_infer_samples_per_s"] = round(inference_samples_per_s(exported, cfg, device))
         metrics = train.train(cfg)
         row.update(rays_per_s=metrics["rays_per_s"], samples_per_s=metrics["samples_per_s"])
@@ -364,7 +365,7 @@ def run_ddp(args, overrides, reps=9):
 
     import train
 
-    cfgs = [bench_config(exp, args, overrides) for exp in args.exps.split(",")]
+    cfgs = [train.data_config(bench_config(exp, args, overrides)) for exp in args.exps.split(",")]  # the data's table
     rank, world, device = train.init_distributed(cfgs[0], train.resolve_device(cfgs[0]["DEVICE"]))
     rows = []
     for cfg in cfgs:

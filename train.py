@@ -436,6 +436,21 @@ def check_same_scene(saved, now, path):
                         + again)
 
 
+def with_frame(cfg, frame, saved_table=None):
+    """The config with what a scene's frame resolves: FRAME and its keys, and the hash table's size (a resumed
+    run's saved_table, else the frame's space's)."""
+    table = cfg["HASH_LOG2_SIZE"] or saved_table or table_log2(frame.space)
+    return {**cfg, "FRAME": frame.record(), "SPACE": frame.space, "NEAR": frame.near, "FAR": frame.far,
+            "SCENE_BOUND": frame.bound, "HASH_LOG2_SIZE": table}
+
+
+def data_config(cfg):
+    """The config as a new run on its data resolves it (Trainer.load_data), without training: for building the
+    model the run would train (bench.py), whose table size can depend on the data."""
+    cfg = {**cfg, "DATA": run_data(cfg, None, 0, 1)}
+    return with_frame(cfg, scene_of(cfg, ("train",), run_frame(cfg, None)).frame)
+
+
 def run_data(cfg, ckpt, rank, world):
     """The data this run trains on: DATA; for 'auto', the data of the checkpoint it resumes if that run asked for
     'auto' too (and resolved it to its data), else what resolve_data finds.
@@ -558,10 +573,7 @@ class Trainer:
         self.scene = scene_of(cfg, ("train", "val"), run_frame(cfg, ckpt))
         self.train_views, self.val_views = (self.scene.splits[s].to(self.device) for s in ("train", "val"))
         self.scene.background = self.scene.background.to(self.device)
-        frame = self.scene.frame
-        return {**cfg, "FRAME": frame.record(), "SPACE": frame.space, "NEAR": frame.near, "FAR": frame.far,
-                "SCENE_BOUND": frame.bound,
-                "HASH_LOG2_SIZE": cfg["HASH_LOG2_SIZE"] or saved_table or table_log2(frame.space)}
+        return with_frame(cfg, self.scene.frame, saved_table)
 
     def resume(self, ckpt):
         """Restore weights, optimizer, scaler, generator and grid from a checkpoint; returns its RunState."""

@@ -243,6 +243,13 @@ def test_the_hash_table_follows_the_space_unless_set_and_a_resume_keeps_its_own(
     assert saved_table("cube") == 15
     assert saved_table("set", DATA=folder, DOWNSCALE=8, HASH_LOG2_SIZE=12) == 12
     assert saved_table("set", DATA=folder, DOWNSCALE=8, MAX_STEPS=4) == 12
+    # what a run on the data resolves, without training (bench.py builds its models so): as the runs saved it
+    resolved = train.data_config({**small(tmp_path / "x"), **hashed, "HASH_LEVELS": 2, "DATA": folder, "DOWNSCALE": 8})
+    with open(tmp_path / "ndc" / "config.json") as f:
+        trained = json.load(f)
+    assert {k: resolved[k] for k in ("SPACE", "NEAR", "FAR", "SCENE_BOUND", "HASH_LOG2_SIZE", "FRAME")} == {
+        k: trained[k] for k in ("SPACE", "NEAR", "FAR", "SCENE_BOUND", "HASH_LOG2_SIZE", "FRAME")}
+    assert resolved["SPACE"] == "ndc" and resolved["HASH_LOG2_SIZE"] == 17
 
 
 def test_with_no_view_held_out_the_scores_say_they_are_on_training_views(llff, tmp_path):

@@ -247,8 +247,8 @@ def test_the_hash_table_follows_the_space_unless_set_and_a_resume_keeps_its_own(
     resolved = train.data_config({**small(tmp_path / "x"), **hashed, "HASH_LEVELS": 2, "DATA": folder, "DOWNSCALE": 8})
     with open(tmp_path / "ndc" / "config.json") as f:
         trained = json.load(f)
-    assert {k: resolved[k] for k in ("SPACE", "NEAR", "FAR", "SCENE_BOUND", "HASH_LOG2_SIZE", "FRAME")} == {
-        k: trained[k] for k in ("SPACE", "NEAR", "FAR", "SCENE_BOUND", "HASH_LOG2_SIZE", "FRAME")}
+    keys = ("SPACE", "NEAR", "FAR", "SCENE_BOUND", "HASH_LOG2_SIZE", "FRAME")
+    assert {k: resolved[k] for k in keys} == {k: trained[k] for k in keys}
     assert resolved["SPACE"] == "ndc" and resolved["HASH_LOG2_SIZE"] == 17
 
 

@@ -16,6 +16,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per test worker (and its
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
 
+# inductor's first compile on a new machine builds and loads a test program per vector ISA (~10 s); the CPU's flags
+# alone decide here. Set before torch is imported; child processes inherit it.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 FULL_HW, FOCAL = (48, 64), 50.0  # llff_capture's full-size images and focal length

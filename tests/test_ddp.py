@@ -37,7 +37,7 @@ def final_model(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("exp", ["exp5.py", "exp6.py", "exp7.py"])
+@pytest.mark.parametrize("exp", ["exp6.py", "exp7.py"])  # exp5: test_multinode's two nodes of one process each
 def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     # 10 steps: float summation order differs between 1 and 2 processes, and Adam amplifies it chaotically later,
     # with or without DDP being right. exp6 at LR 1e-3: its RMSNorm gains scale what is rounded to int8, so a
@@ -49,7 +49,7 @@ def test_two_processes_take_the_same_steps_as_one(exp, tmp_path):
     exp7_args = ["--hash_levels=6", "--hash_log2_size=12", f"--data={llff_capture(tmp_path / 'llff')[0]}",
                  "--downscale=4"] if exp == "exp7.py" else []
     lower = ["--lr=1e-3", "--emb_dim=64"] if exp == "exp6.py" else []  # narrower: the eager QAT model is slow
-    # a validation split over the ranks midway: exp5 and exp7 (eager QAT, exp6, renders slowly; it validates at the end)
+    # a validation split over the ranks midway: exp7 (eager QAT, exp6, renders slowly; it validates at the end)
     midway = ["--eval_every=0"] if exp == "exp6.py" else ["--eval_every=5"]
     args = [exp, *TINY, *exp7_args, *lower, "--max_steps=10", *midway, "--ckpt_every=1000", "--compile=false",
             "--grid_res=32"]
@@ -114,7 +114,7 @@ def test_bench_ddp_times_each_experiments_step_with_and_without_its_all_reduce(t
 def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(tmp_path):
     out = tmp_path / "run"
     log = tmp_path / "log"
-    proc = torchrun("exp5.py", *TINY, "--max_steps=200", "--ckpt_every=20", f"--out_dir={out}", log=log,
+    proc = torchrun("exp5.py", *TINY, "--max_steps=100", "--ckpt_every=20", f"--out_dir={out}", log=log,
                     extra=["--max-restarts=1", "--monitor-interval=1"])
     ckpt, deadline = out / "ckpt.pt", time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -127,4 +127,4 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_finishes(tmp_path):
     code, err = finish(proc, log)
     assert code == 0, err[-3000:]
     assert "resuming" in err
-    assert torch.load(ckpt, weights_only=True)["step"] == 200
+    assert torch.load(ckpt, weights_only=True)["step"] == 100

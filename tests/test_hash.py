@@ -8,9 +8,9 @@ import torch
 
 import report
 import train
-from bitnerf import build_bitnerf, export_ternary, load_ternary, pack_bits, plain, table_codes, unpack_bits
+from bitnerf import build_bitnerf, export_ternary, load_ternary, pack_bits, table_codes, unpack_bits
 from configs import EXP7
-from conftest import check_quick_report, run_cli, small
+from conftest import run_cli, small
 from nerf import HashEncoding, HashNeRF, level_resolutions
 
 
@@ -107,29 +107,26 @@ def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
     assert metrics["val_psnr"] > 10  # it trains to a finite, rising image (it starts near 5 dB black)
 
 
-def test_the_compiled_bitnerf_hash_model_equals_the_eager_one():
-    """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): the hash lookup, its fake-quantized
-    table and the ternary layers compute, forward and backward, what they do eagerly (not the no-grad rendering
-    graph: 20 s more, cold). Its quick report trains it eagerly (--compile=false): compiling costs more than its run."""
+def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
+    """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): its hash lookup of the fake-quantized
+    table computes, forward and backward, what it does eagerly. Its ternary layers are test_bitnerf's compiled QAT
+    model (the whole model here: 13 s more, cold); test_report's quick report trains it eagerly (--compile=false)."""
     cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12}
     assert cfg["COMPILE"]
-    model = train.build_model(cfg, torch.device("cpu"))
+    encoding = train.build_model(cfg, torch.device("cpu")).encoding
     torch.manual_seed(0)
-    xyz, d = torch.rand(4096, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(4096, 3), dim=-1)
-    results = []
-    for net in (model, torch.compile(model, dynamic=True)):
-        model.zero_grad()
-        rgb, sigma = net(xyz, d)
-        (rgb.square().sum() + sigma.sum()).backward()
-        results.append((rgb.detach(), sigma.detach(), [plain(p.grad).clone() for p in model.parameters()]))
-    (rgb, sigma, grads), (rgb_c, sigma_c, grads_c) = results
-    # a fused RMSNorm can round a few activations to the neighbouring int8 step (test_bitnerf): close, not bit-equal
-    close = lambda a, b: (a - b).abs().max() < 1e-2 * (1 + b.abs().max()) and (  # noqa: E731
-        (a - b).abs().mean() < 1e-4 * (1 + b.abs().mean()))
-    assert close(rgb, rgb_c) and close(sigma, sigma_c)
-    assert grads[0].abs().sum() > 0  # the table's gradient, the model's first parameter
-    for g, g_c in zip(grads, grads_c, strict=True):
-        assert (g - g_c).norm() <= 1e-2 * g.norm() + 1e-6
+    xyz, results = torch.rand(4096, 3) * 2 - 1, []
+    for net in (encoding, torch.compile(encoding, dynamic=True)):
+        encoding.zero_grad()
+        features = net(xyz)
+        features.square().sum().backward()
+        results.append((features.detach(), encoding.table.grad.clone()))
+    (features, grad), (features_c, grad_c) = results
+    assert grad.abs().sum() > 0 and features.abs().sum() > 0
+    # a code at a rounding boundary may land on its neighbour (a fused reduction rounds differently): close
+    assert (features - features_c).abs().max() < 1e-2 * features.abs().max()
+    assert (features - features_c).abs().mean() < 1e-4 * features.abs().mean()
+    assert (grad - grad_c).norm() <= 1e-2 * grad.norm() + 1e-6
 
 
 def bit_hash_cfg(bits):
@@ -189,14 +186,6 @@ def test_eval_scores_a_hash_run_as_training_did(tmp_path):
     res = run_cli("eval.py", cfg["OUT_DIR"])
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1])["psnr"] == pytest.approx(metrics["val_psnr"], abs=1e-3)
-
-
-def test_quick_report_trains_exports_and_tabulates_the_bitnerf_hash_model(tmp_path):
-    """exp7-bitnerf through report.py --quick (test_report: exp7), eager: a config override reaches an experiment
-    after a variant's own flags (exp7-bitnerf's --compile=true)."""
-    assert [r["experiment"] for r in check_quick_report(tmp_path, ["exp7-bitnerf"], "--compile=false")] == [
-        "exp7-bitnerf"]
-    assert json.loads((tmp_path / "exp7-bitnerf" / "metrics.json").read_text())["compile_seconds"] == 0
 
 
 def test_bench_profile_splits_a_step_and_measures_the_memory_bandwidth(tmp_path, monkeypatch):

@@ -111,10 +111,13 @@ def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
     """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): its hash lookup of the fake-quantized
     table computes, forward and backward, what it does eagerly. Its ternary layers are test_bitnerf's compiled QAT
     model (the whole model here: 13 s more, cold); test_report's quick report trains it eagerly (--compile=false)."""
-    cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12}
+    # the cube [-1, 1]^3 (SCENE_BOUND 0 is the data's, resolved before training builds a model)
+    cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "SCENE_BOUND": 1.0}
     assert cfg["COMPILE"]
     encoding = train.build_model(cfg, torch.device("cpu")).encoding
     torch.manual_seed(0)
+    with torch.no_grad():
+        encoding.table.normal_()  # values far apart, as after training: the 5-bit codes round them for real
     xyz, results = torch.rand(4096, 3) * 2 - 1, []
     for net in (encoding, torch.compile(encoding, dynamic=True)):
         encoding.zero_grad()
@@ -122,11 +125,9 @@ def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
         features.square().sum().backward()
         results.append((features.detach(), encoding.table.grad.clone()))
     (features, grad), (features_c, grad_c) = results
-    assert grad.abs().sum() > 0 and features.abs().sum() > 0
-    # a code at a rounding boundary may land on its neighbour (a fused reduction rounds differently): close
-    assert (features - features_c).abs().max() < 1e-2 * features.abs().max()
-    assert (features - features_c).abs().mean() < 1e-4 * features.abs().mean()
-    assert (grad - grad_c).norm() <= 1e-2 * grad.norm() + 1e-6
+    assert grad.abs().sum() > 0 and len(features.unique()) > 1000
+    torch.testing.assert_close(features_c, features)  # float32's tolerances: the codes are the same codes
+    torch.testing.assert_close(grad_c, grad)
 
 
 def bit_hash_cfg(bits):

@@ -185,6 +185,20 @@ def processes_naming(text):
     return pids
 
 
+def test_sigterm_and_sighup_take_one_handler_while_the_experiments_run(monkeypatch, tmp_path):
+    """The signal test's SIGHUP case stands for SIGTERM: both stop the report the same way, then are put back."""
+    seen = {}
+
+    def run_all(args, argv):
+        seen.update({s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)})
+        return [], []
+    monkeypatch.setattr(report, "run_all", run_all)
+    with pytest.raises(SystemExit):
+        report.main(["--quick", "--only=exp1", f"--out_dir={tmp_path}"])
+    assert seen == {signal.SIGTERM: report.raise_stopped, signal.SIGHUP: report.raise_stopped}
+    assert signal.getsignal(signal.SIGTERM) is not report.raise_stopped
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_stops_the_report_and_its_experiment_at_a_checkpoint_with_nothing_in_media(tmp_path, signum):

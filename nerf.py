@@ -140,6 +140,8 @@ class HashEncoding(nn.Module):
 
     def __init__(self, levels=12, log2_size=15, features=2, base_res=16, finest_res=256, bound=1.5):
         super().__init__()
+        if not bound > 0:  # a config's SCENE_BOUND 0 is the data's: train.data_config resolves it first
+            raise ValueError(f"hash encoding bound={bound}: the cube's half-width must be > 0")
         self.bound, self.log2_size, self.features = bound, log2_size, features
         self.resolutions = level_resolutions(levels, base_res, finest_res)
         self.sizes = [min(2 ** log2_size, (r + 1) ** 3) for r in self.resolutions]

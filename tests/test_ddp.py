@@ -98,7 +98,8 @@ def test_bench_ddp_times_each_experiments_step_with_and_without_its_all_reduce(t
     assert [(r["exp"], r["step points"]) for r in rows] == [("exp5", "whole"), ("exp5", "culled"),
                                                               ("exp7", "whole"), ("exp7", "culled")]
     for r in rows:
-        cfg = configs.apply_overrides(getattr(configs, r["exp"].upper()), overrides)
+        preset = getattr(configs, r["exp"].upper())
+        cfg = train.data_config(configs.apply_overrides(preset, [*overrides, "--data=synthetic"]))  # as bench builds
         numel = sum(p.numel() for p in train.build_model(cfg, torch.device("cpu")).parameters())
         assert float(r["gradient MB"]) == round(4 * numel / 2 ** 20, 2)  # all of the model's gradient is reduced
         synced, local = float(r["step ms"]), float(r["step ms without all-reduce"])

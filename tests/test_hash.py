@@ -38,6 +38,12 @@ def test_level_resolutions_grow_geometrically_from_base_to_finest():
     assert level_resolutions(12, 16, 256)[0] == 16 and level_resolutions(12, 16, 256)[-1] == 256
 
 
+def test_a_hash_encoding_refuses_an_unresolved_bound():
+    """SCENE_BOUND 0 (the data's) reaching a model would map every point to one corner cell."""
+    with pytest.raises(ValueError, match="bound=0.0"):
+        HashEncoding(levels=2, log2_size=12, bound=0.0)
+
+
 def test_dense_indices_are_the_grid_index_and_hashed_ones_the_formula():
     enc = encoding()
     assert enc.dense_levels == 1 and enc.sizes == [125, 4096]
@@ -133,7 +139,7 @@ def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
 def bit_hash_cfg(bits):
     """A BitNeRF-hash config of a small table, bits per table entry."""
     return {**EXP7, "MODEL": "bitnerf", "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "HASH_TABLE_BITS": bits,
-            "USE_VIEWDIRS": True}
+            "USE_VIEWDIRS": True, "SCENE_BOUND": 1.5}
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

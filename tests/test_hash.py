@@ -8,7 +8,7 @@ import torch
 
 import report
 import train
-from bitnerf import build_bitnerf, export_ternary, load_ternary, pack_bits, table_codes, unpack_bits
+from bitnerf import build_bitnerf, export_ternary, load_ternary, pack_bits, plain, table_codes, unpack_bits
 from configs import EXP7
 from conftest import run_cli, small
 from nerf import HashEncoding, HashNeRF, level_resolutions
@@ -116,7 +116,8 @@ def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
 def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
     """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): its hash lookup of the fake-quantized
     table computes, forward and backward, what it does eagerly. Its ternary layers are test_bitnerf's compiled QAT
-    model (the whole model here: 13 s more, cold); test_report's quick report trains it eagerly (--compile=false)."""
+    model (the whole model here: 13 s more, cold; traced whole
+    below); test_report's quick report trains it eagerly (--compile=false)."""
     # the cube [-1, 1]^3 (SCENE_BOUND 0 is the data's, resolved before training builds a model)
     cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "SCENE_BOUND": 1.0}
     assert cfg["COMPILE"]
@@ -134,6 +135,30 @@ def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
     assert grad.abs().sum() > 0 and len(features.unique()) > 1000
     torch.testing.assert_close(features_c, features)  # float32's tolerances: the codes are the same codes
     torch.testing.assert_close(grad_c, grad)
+
+
+def test_the_whole_bitnerf_hash_model_traces_under_dynamo_as_it_runs_eagerly():
+    """The whole exp7-bitnerf model through dynamo and AOT autograd with dynamic shapes, as train.compile_model
+    traces it, but without inductor's code (aot_eager: seconds, not the 30 s of a cold inductor build): its
+    graphs, breaks and guards compute, forward and backward, what the model computes eagerly."""
+    cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "SCENE_BOUND": 1.0}
+    model = train.build_model(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.encoding.table.normal_()
+    xyz, d = torch.rand(4096, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(4096, 3), dim=-1)
+    results = []
+    for net in (model, torch.compile(model, dynamic=True, backend="aot_eager")):
+        model.zero_grad()
+        rgb, sigma = net(xyz, d)
+        (rgb.square().sum() + sigma.sum()).backward()
+        results.append((rgb.detach(), sigma.detach(), [plain(p.grad).clone() for p in model.parameters()]))
+    (rgb, sigma, grads), (rgb_c, sigma_c, grads_c) = results
+    assert rgb.std() > 1e-3 and grads[0].abs().sum() > 0  # points apart, and the table's gradient (its first)
+    torch.testing.assert_close(rgb_c, rgb)
+    torch.testing.assert_close(sigma_c, sigma)
+    for g, g_c in zip(grads, grads_c, strict=True):
+        torch.testing.assert_close(g_c, g)
 
 
 def bit_hash_cfg(bits):

@@ -116,8 +116,8 @@ def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
 def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
     """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): its hash lookup of the fake-quantized
     table computes, forward and backward, what it does eagerly. Its ternary layers are test_bitnerf's compiled QAT
-    model (the whole model here: 13 s more, cold; traced whole
-    below); test_report's quick report trains it eagerly (--compile=false)."""
+    model (the whole model built by inductor here: 13 s more, cold; the next test traces it whole); test_report's
+    quick report trains it eagerly (--compile=false)."""
     # the cube [-1, 1]^3 (SCENE_BOUND 0 is the data's, resolved before training builds a model)
     cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "SCENE_BOUND": 1.0}
     assert cfg["COMPILE"]

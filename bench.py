@@ -301,7 +301,8 @@ def run_child(args, overrides):
         for mark in marks:
             seen = [h["psnr"] for h in metrics["history"] if mark in h.get("at_s", [])]
             row[f"psnr@{mark:g}s"] = round(seen[0], 2) if seen else None
-        model = train.build_model(train.data_config(cfg), device)  # as trained: its table's size is the data's
+        with open(os.path.join(cfg["OUT_DIR"], "config.json")) as f:  # as trained: the config the run resolved
+            model = train.build_model(json.load(f), device)
         mlp = (counts["grad"] * mlp_flops_per_point(model) + counts["no_grad"] * mlp_flops_per_point(model, False)) \
             / metrics["train_seconds"] / 1e9
         samples = metrics["steps"] * cfg["BATCH_SIZE"] * (cfg["NUM_SAMPLES"] + cfg["NUM_FINE"])

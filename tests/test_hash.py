@@ -113,18 +113,25 @@ def test_the_table_and_its_gathers_stay_float32_under_bf16_autocast(tmp_path):
     assert metrics["val_psnr"] > 10  # it trains to a finite, rising image (it starts near 5 dB black)
 
 
+def small_bitnerf_hash_model():
+    """exp7-bitnerf's model (it trains compiled) with a small table, in the cube [-1, 1]^3 (SCENE_BOUND 0 is the
+    data's, resolved before training builds a model), its table drawn from N(0, 1) (seed 0): values far apart, as
+    after training, so the 5-bit codes round them for real."""
+    cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "SCENE_BOUND": 1.0}
+    assert cfg["COMPILE"]
+    model = train.build_model(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.encoding.table.normal_()
+    return model
+
+
 def test_the_compiled_bitnerf_hash_encoding_equals_the_eager_one():
     """exp7-bitnerf trains compiled (dynamic shapes, as train.compile_model): its hash lookup of the fake-quantized
     table computes, forward and backward, what it does eagerly. Its ternary layers are test_bitnerf's compiled QAT
     model (the whole model built by inductor here: 13 s more, cold; the next test traces it whole); test_report's
     quick report trains it eagerly (--compile=false)."""
-    # the cube [-1, 1]^3 (SCENE_BOUND 0 is the data's, resolved before training builds a model)
-    cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "SCENE_BOUND": 1.0}
-    assert cfg["COMPILE"]
-    encoding = train.build_model(cfg, torch.device("cpu")).encoding
-    torch.manual_seed(0)
-    with torch.no_grad():
-        encoding.table.normal_()  # values far apart, as after training: the 5-bit codes round them for real
+    encoding = small_bitnerf_hash_model().encoding
     xyz, results = torch.rand(4096, 3) * 2 - 1, []
     for net in (encoding, torch.compile(encoding, dynamic=True)):
         encoding.zero_grad()
@@ -141,11 +148,7 @@ def test_the_whole_bitnerf_hash_model_traces_under_dynamo_as_it_runs_eagerly():
     """The whole exp7-bitnerf model through dynamo and AOT autograd with dynamic shapes, as train.compile_model
     traces it, but without inductor's code (aot_eager: seconds, not the 30 s of a cold inductor build): its
     graphs, breaks and guards compute, forward and backward, what the model computes eagerly."""
-    cfg = {**report.experiment_config("exp7-bitnerf"), "HASH_LEVELS": 4, "HASH_LOG2_SIZE": 12, "SCENE_BOUND": 1.0}
-    model = train.build_model(cfg, torch.device("cpu"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.encoding.table.normal_()
+    model = small_bitnerf_hash_model()
     xyz, d = torch.rand(4096, 3) * 2 - 1, torch.nn.functional.normalize(torch.randn(4096, 3), dim=-1)
     results = []
     for net in (model, torch.compile(model, dynamic=True, backend="aot_eager")):

@@ -52,12 +52,15 @@ EXP1 = {
                                  # with NUM_FINE training too (from the coarse pass's estimate); 0 = off
     # optimisation
     "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
+    "TRAIN_THREADS": 0,          # CPU: Python threads a step's batch is split over, torch's threads shared out among
+                                 # them (0 = auto: one per torch thread where no occupancy grid culls (NDC), else 1)
     "LR": 2e-3,                  # peak AdamW learning rate (of the MLP, under ENCODING=hash)
     "HASH_LR": 1e-2,             # hash: peak learning rate of the table (the same schedule, scaled by HASH_LR / LR)
     "ADAM_EPS": 1e-8,            # AdamW epsilon (1e-15 for a hash table, as Instant-NGP: rare entries keep full steps)
     "MIN_LR": 5e-5,              # learning rate at the run's end, where the cosine decay after warm-up ends
     "WARMUP_STEPS": 100,         # linear LR warm-up steps (at most a tenth of the run; then the cosine to MIN_LR)
     "WEIGHT_DECAY": 0.0,         # AdamW decoupled weight decay
+    "ADAM_BETA2": 0.999,         # AdamW's second-moment decay (torch's 0.999; Instant-NGP trains its table at 0.99)
     "AMSGRAD": False,            # AdamW's AMSGrad variant
     "FUSED_OPTIM": False,        # fused AdamW where the device supports it (elsewhere a notice and the plain one)
     "OPACITY_REG": 1e-2,         # weight of mean(acc * (1 - acc)): rays opaque or empty, so the grid culls more
@@ -107,10 +110,10 @@ EXP4 = {**EXP1, "EXPERIMENT": "exp4", "OUT_DIR": "out/exp4", "MODEL": "bitnerf",
 EXP5 = {**EXP1, "EXPERIMENT": "exp5", "OUT_DIR": "out/exp5", "LAUNCH": "torchrun"}
 EXP6 = {**EXP4, "EXPERIMENT": "exp6", "OUT_DIR": "out/exp6", "LAUNCH": "torchrun"}
 # exp7: Instant-NGP's multiresolution hash encoding and small MLP in place of the frequency encoding: Adam at 1e-2
-# with epsilon 1e-15 for table and MLP, as the paper; coarse -> fine samples and view directions (spherical
-# harmonics) each paid over 1 dB in 5 minutes. Design and measurements: docs/hash.md.
+# with epsilon 1e-15 and beta2 0.99 for table and MLP, as Instant-NGP; coarse -> fine samples and view directions
+# (spherical harmonics) each paid over 1 dB in 5 minutes. Design and measurements: docs/hash.md, docs/captures.md.
 EXP7 = {**EXP1, "EXPERIMENT": "exp7", "OUT_DIR": "out/exp7", "ENCODING": "hash", "LR": 1e-2, "HASH_LR": 1e-2,
-        "ADAM_EPS": 1e-15, "NUM_FINE": 16, "USE_VIEWDIRS": True}
+        "ADAM_EPS": 1e-15, "ADAM_BETA2": 0.99, "NUM_FINE": 16, "USE_VIEWDIRS": True}
 PRESETS = {cfg["EXPERIMENT"]: cfg for cfg in (EXP1, EXP2, EXP3, EXP4, EXP5, EXP6, EXP7)}
 # configurations report.py trains beside the presets: name -> (the preset's script, the flags it adds).
 # exp7-bitnerf's ternary MLP is 128 wide: at 64 its export fell over 1 dB below exp7 in 10 minutes (docs/hash.md).
@@ -144,7 +147,8 @@ CHOICES = {"MODEL": ("nerf", "bitnerf"), "ENCODING": ("frequency", "hash"), "DEN
            "RECIPE": tuple(RECIPES)}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "GRID_RES", "VIDEO_DOWNSCALE", "VIEWER_RES", "VIEWER_FRAME_S",
-            "HASH_LEVELS", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS")
+            "HASH_LEVELS", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS",
+            "ADAM_BETA2")
 NON_NEGATIVE = ("HASH_LOG2_SIZE", "ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "DISTORTION", "POS_ENCODE_DIMS",
                 "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED",
                 "EVAL_EVERY", "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR",
@@ -194,6 +198,8 @@ def check_config(cfg):
     if cfg["HASH_LOG2_SIZE"] and not 8 <= cfg["HASH_LOG2_SIZE"] <= 24:
         raise ConfigError(f"--hash_log2_size={cfg['HASH_LOG2_SIZE']}: must be 8 ... 24 (Instant-NGP uses 14 ... 24), "
                           "or 0 (the data's)")
+    if cfg["ADAM_BETA2"] >= 1:
+        raise ConfigError(f"--adam_beta2={cfg['ADAM_BETA2']}: must be below 1 (torch's 0.999, Instant-NGP's 0.99)")
     if cfg["MIN_LR"] > cfg["LR"]:
         raise ConfigError(f"--min_lr={cfg['MIN_LR']} is above --lr={cfg['LR']}; lower it")
     if cfg["NEAR"] and cfg["FAR"] and cfg["NEAR"] >= cfg["FAR"]:

@@ -676,17 +676,17 @@ def render_view(model, camera, scene, cfg, grid, amp, stop=None, chunk_map=map):
 
 @contextmanager
 def chunks_in_parallel(threads):
-    """A map over a view's chunks of rays: on `threads` Python threads, with torch's intra-op threads set to 1 while
-    it is open (threads > 1), else the built-in map.
+    """A map over independent chunks of rays (a view's; a training batch's slices): on `threads` Python threads, with
+    torch's intra-op threads shared out among them while it is open (threads > 1), else the built-in map.
 
     On a CPU a chunk's many small ops scale poorly over intra-op threads, while chunks are independent: two threads
-    of one chunk each beat one chunk on two threads (docs/fullres.md). torch's ops release the GIL. The setting is
-    the process's: not for use while other work (training) runs."""
+    of one chunk each beat one chunk on two threads (docs/fullres.md, docs/captures.md). torch's ops release the GIL.
+    The setting is the process's: other work meanwhile (a viewer's frame) gets the share too."""
     if threads <= 1:
         yield map
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, before // threads))
     try:
         with ThreadPoolExecutor(threads) as pool:
             yield pool.map

@@ -23,7 +23,17 @@ from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
 from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
 from dataset import protocol, resolve_data, sample_batch, scene_of, score_name, scored_on
 from nerf import model_class, model_kwargs, table_log2
-from render import Frame, Rays, Shard, build_grid, evaluate_views, rebuild_grid, render_rays, render_videos
+from render import (
+    Frame,
+    Rays,
+    Shard,
+    build_grid,
+    chunks_in_parallel,
+    evaluate_views,
+    rebuild_grid,
+    render_rays,
+    render_videos,
+)
 from utils import (
     all_reduce,
     checkpoint_path,
@@ -38,7 +48,7 @@ from utils import (
 
 GRID_EVERY = 16  # steps between occupancy-grid updates
 GRID_FULL_UNTIL = 256  # before this step every update visits every cell; after it, a random quarter
-OPTIMIZER_KEYS = ("WEIGHT_DECAY", "ADAM_EPS", "AMSGRAD", "FUSED_OPTIM", "HASH_LR")  # what AdamW's groups hold
+OPTIMIZER_KEYS = ("WEIGHT_DECAY", "ADAM_EPS", "ADAM_BETA2", "AMSGRAD", "FUSED_OPTIM", "HASH_LR")  # in AdamW groups
 WARMUP_SHARE = 0.1  # the LR warm-up lasts WARMUP_STEPS steps or this share of the run, whichever is shorter
 
 
@@ -116,7 +126,8 @@ def build_optimizer(cfg, model, device, graphed=False):
 
     A CUDA graph needs the fused, capturable one: it keeps its step counts on the GPU and can skip a step there.
     """
-    kwargs = dict(lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], amsgrad=cfg["AMSGRAD"], eps=cfg["ADAM_EPS"])
+    kwargs = dict(lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"], amsgrad=cfg["AMSGRAD"], eps=cfg["ADAM_EPS"],
+                  betas=(0.9, cfg["ADAM_BETA2"]))
     groups = parameter_groups(cfg, model)
     if graphed:
         return torch.optim.AdamW(groups, fused=True, capturable=True, **kwargs)
@@ -259,6 +270,17 @@ def skips_zero_density(cfg):
     """Whether training leaves out samples of zero density: asked for, and the density can be zero (a ReLU; the
     hash model's exp density never is)."""
     return cfg["SKIP_ZERO_DENSITY"] and cfg["DENSITY_ACT"] == "relu" and cfg["ENCODING"] == "frequency"
+
+
+def train_threads(cfg, device, grid):
+    """How many Python threads a step's batch is split over (Trainer.threaded_loss_and_grads): TRAIN_THREADS, or by
+    default one per torch thread where no occupancy grid culls (a step of many samples: NDC's 1.35-1.64x faster on
+    2 cores, docs/captures.md) and 1 where one does (no faster). Always 1 on CUDA, under torchrun (DDP's backward) and
+    for a compiled model."""
+    if device.type != "cpu" or dist.is_initialized() or cfg["COMPILE"]:
+        return 1
+    threads = cfg["TRAIN_THREADS"] or (torch.get_num_threads() if grid is None else 1)
+    return min(threads, cfg["BATCH_SIZE"])  # every slice at least one ray
 
 
 def build_model(cfg, device):
@@ -523,6 +545,7 @@ class Trainer:
         # compile first, then wrap, as DDP expects; under torchrun always, so one process exercises the DDP path too
         self.net = wrap_ddp(cfg, self.fast, device) if dist.is_initialized() else self.fast
         self.shard = cfg["BATCH_SIZE"] // world
+        self.threads = train_threads(cfg, device, self.grid)
         self.graph = self.capture() if self.graphed else None
         self.run = open_wandb(cfg, self.out_dir, self.state.wandb_id) if self.main_rank else None
         self.state.wandb_id = self.run.id if self.run else None
@@ -619,21 +642,56 @@ class Trainer:
         cfg, lo, n = self.cfg, self.rank * self.shard, self.shard
         rays, target = sample_batch(self.train_views, cfg["BATCH_SIZE"], self.generator, self.scene.frame)
         rays, target = Rays(*(x[lo: lo + n] for x in rays)), target[lo: lo + n]
-        with self.amp:
-            rgb, _, acc, *spread = render_rays(self.net, rays, self.scene.frame, cfg["NUM_SAMPLES"],
-                                               self.scene.background, Shard(self.generator, lo, cfg["BATCH_SIZE"]),
-                                               self.grid, cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"],
-                                               skips_zero_density(cfg), self.graphed, bool(cfg["DISTORTION"]))
-        mse = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
-        opacity = cfg["OPACITY_REG"] * (acc * (1 - acc)).mean() if cfg["OPACITY_REG"] else torch.zeros_like(mse)
-        reg = torch.stack([opacity, cfg["DISTORTION"] * spread[0].mean() if spread else torch.zeros_like(mse)])
-        loss = mse + reg.sum() if cfg["OPACITY_REG"] or spread else mse
-        self.scaler.scale(loss).backward()
+        if self.threads > 1:
+            mse, reg = self.threaded_loss_and_grads(rays, target)
+        else:
+            with self.amp:
+                mse, reg, loss = self.batch_loss(rays, target, Shard(self.generator, lo, cfg["BATCH_SIZE"]))
+            self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
         if cfg["GRAD_CLIP"]:
             return mse, reg, torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["GRAD_CLIP"])
         # the norm alone: clipping at infinity would still multiply every gradient (a whole hash table's) by 1.0
         return mse, reg, torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+
+    def batch_loss(self, rays, target, generator):
+        """Render a batch's rays; returns (photometric MSE, the regularisers (opacity, distortion), the loss)."""
+        cfg = self.cfg
+        rgb, _, acc, *spread = render_rays(self.net, rays, self.scene.frame, cfg["NUM_SAMPLES"], self.scene.background,
+                                           generator, self.grid, cfg["NUM_FINE"], cfg["ERT_TRANSMITTANCE"],
+                                           skips_zero_density(cfg), self.graphed, bool(cfg["DISTORTION"]))
+        mse = F.mse_loss(rgb, target)  # DDP averages the ranks' gradients: the mean over the global batch
+        opacity = cfg["OPACITY_REG"] * (acc * (1 - acc)).mean() if cfg["OPACITY_REG"] else torch.zeros_like(mse)
+        reg = torch.stack([opacity, cfg["DISTORTION"] * spread[0].mean() if spread else torch.zeros_like(mse)])
+        return mse, reg, mse + reg.sum() if cfg["OPACITY_REG"] or spread else mse
+
+    def threaded_loss_and_grads(self, rays, target):
+        """batch_loss over self.threads slices of the batch at once, each on its own Python thread; sets the
+        parameters' gradients (the batch's mean loss) and returns the batch's (MSE, regularisers).
+
+        Each slice's gradients are taken apart (autograd.grad) and summed in slice order, and each slice draws its
+        jitter from a generator seeded from the run's, so a run is reproducible and resumes exactly. A step then
+        draws other jitter than a one-thread step of the same seed.
+        """
+        seeds = torch.randint(2 ** 62, (self.threads,), generator=self.generator, device=self.device).tolist()
+        sliced = [Rays(*parts) for parts in zip(*(x.tensor_split(self.threads) for x in rays), strict=True)]
+        targets = target.tensor_split(self.threads)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+
+        def slice_grads(k):
+            share = len(targets[k]) / len(target)  # each slice's mean, weighted: the batch's mean
+            generator = torch.Generator(device=self.device).manual_seed(seeds[k])
+            with self.amp:  # autocast is per thread
+                mse, reg, loss = self.batch_loss(sliced[k], targets[k], generator)
+            return mse.detach() * share, reg.detach() * share, torch.autograd.grad(loss * share, params,
+                                                                                   allow_unused=True)
+
+        with chunks_in_parallel(self.threads) as map_slices:
+            parts = list(map_slices(slice_grads, range(self.threads)))
+        for i, p in enumerate(params):
+            grads = [g[i] for *_, g in parts if g[i] is not None]
+            p.grad = sum(grads[1:], grads[0]) if grads else None
+        return sum(m for m, *_ in parts), sum(r for _, r, _ in parts)
 
     def done(self):
         """Whether training is over: MAX_STEPS reached, or the time budget spent."""
@@ -646,8 +704,9 @@ class Trainer:
         until = f"{cfg['MAX_STEPS']} steps" + (f" or {cfg['TIME_BUDGET_S']:g} s" if cfg["TIME_BUDGET_S"] else "")
         if self.main_rank:
             print(f"training {cfg['EXPERIMENT']} on {cfg['DATA']} ({len(self.train_views)} views, "
-                  f"{rec['resolution']}, {rec['background']}, {rec['space']}) from step {self.state.step} until "
-                  f"{until}", file=sys.stderr, flush=True)
+                  f"{rec['resolution']}, {rec['background']}, {rec['space']}"
+                  f"{f', {self.threads} threads a step' if self.threads > 1 else ''}) from step {self.state.step} "
+                  f"until {until}", file=sys.stderr, flush=True)
 
     def scheduled_learning_rate(self):
         """The LR of the next step, at the progress the run will have made once it is done (by steps; by time, the

@@ -24,6 +24,7 @@ def test_overrides_are_case_insensitive_and_typed():
     ("--device=tpu", "must be one of auto, cpu, cuda"),
     ("--wandb=sometimes", "must be one of"),
     ("--min_lr=1", "above --lr"),
+    ("--adam_beta2=1", "must be below 1"),
     ("--hash_table_bits=9", "must be 2 ... 8"),
     ("lr=1", "use --key=value"),
     ("--lr", "use --key=value"),

@@ -19,9 +19,10 @@ from conftest import FAST, ROOT, main_error, run_cli, synthetic_capture
 @pytest.mark.parametrize("encoding", ["frequency", "hash"])
 def test_resume_after_interruption_gives_the_same_parameters(encoding, small_cfg, tmp_path, monkeypatch):
     if encoding == "hash":  # exp7's model and optimiser (two parameter groups, epsilon 1e-15), a small table, on a
-        # transforms.json capture: the resumed run keeps the frame the first chose from its views
+        # transforms.json capture: the resumed run keeps the frame the first chose from its views; each step's batch
+        # over two threads, whose jitter the run's generator seeds
         small_cfg.update({k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}, HASH_LOG2_SIZE=12,
-                         DATA=synthetic_capture(tmp_path / "capture", list(range(16))))
+                         DATA=synthetic_capture(tmp_path / "capture", list(range(16))), TRAIN_THREADS=2)
     straight = {**small_cfg, "OUT_DIR": str(tmp_path / "straight")}
     train.train(straight)
     expected = torch.load(os.path.join(straight["OUT_DIR"], "ckpt.pt"), weights_only=True)
@@ -47,15 +48,17 @@ def test_resume_after_interruption_gives_the_same_parameters(encoding, small_cfg
 
 
 def test_a_resume_applies_changed_optimizer_settings_and_records_what_ran(small_cfg, capsys):
-    """load_state_dict put the checkpoint's weight decay, eps and AMSGrad back while config.json said otherwise."""
+    """load_state_dict put the checkpoint's weight decay, eps, betas and AMSGrad back while config.json said
+    otherwise."""
     train.train({**small_cfg, "MAX_STEPS": 10})
-    changed = {"WEIGHT_DECAY": 0.5, "ADAM_EPS": 1e-3, "AMSGRAD": True}
+    changed = {"WEIGHT_DECAY": 0.5, "ADAM_EPS": 1e-3, "ADAM_BETA2": 0.99, "AMSGRAD": True}
     train.train({**small_cfg, **changed, "MAX_STEPS": 20})
-    assert "WEIGHT_DECAY=0.0 (this run: 0.5), ADAM_EPS=1e-08 (this run: 0.001), AMSGRAD=False (this run: True)" \
-        in capsys.readouterr().err
+    assert "WEIGHT_DECAY=0.0 (this run: 0.5), ADAM_EPS=1e-08 (this run: 0.001), ADAM_BETA2=0.999 (this run: 0.99), " \
+        "AMSGRAD=False (this run: True)" in capsys.readouterr().err
     ckpt = torch.load(os.path.join(small_cfg["OUT_DIR"], "ckpt.pt"), weights_only=True)
     group = ckpt["optimizer"]["param_groups"][0]
-    assert (group["weight_decay"], group["eps"], group["amsgrad"]) == (0.5, 1e-3, True)
+    assert (group["weight_decay"], group["eps"], tuple(group["betas"]), group["amsgrad"]) == (0.5, 1e-3, (0.9, 0.99),
+                                                                                              True)
     for state in ckpt["optimizer"]["state"].values():  # AMSGrad's running maximum was kept from step 11 on
         assert state["step"] == 20 and (state["max_exp_avg_sq"] >= state["exp_avg_sq"]).all()
     with open(os.path.join(small_cfg["OUT_DIR"], "config.json")) as f:

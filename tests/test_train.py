@@ -89,6 +89,48 @@ def test_the_cuda_graph_is_used_only_on_cuda_without_torchrun_or_float16():
         dist.destroy_process_group()
 
 
+def test_a_step_over_threads_has_the_one_thread_steps_loss_and_gradients(small_cfg, monkeypatch):
+    """Slices of the batch on two threads, each slice's gradient taken apart: their weighted sum is the batch's mean
+    loss and gradient (jitter off, so both see the same samples; the hash model with a fine pass and the opacity
+    regulariser, on 3 slices of unequal size)."""
+    cfg = {**small_cfg, "ENCODING": "hash", "HASH_LOG2_SIZE": 12, "NUM_FINE": 8, "BATCH_SIZE": 301, "TRAIN_THREADS": 3}
+    trainer = train.Trainer(cfg, 0, 1, torch.device("cpu"))
+    assert trainer.threads == 3
+    rays, target = train.sample_batch(trainer.train_views, cfg["BATCH_SIZE"], trainer.generator, trainer.scene.frame)
+    one_pass = trainer.batch_loss
+    monkeypatch.setattr(trainer, "batch_loss", lambda rays, target, generator: one_pass(rays, target, None))
+    mse, reg = trainer.threaded_loss_and_grads(rays, target)
+    threaded = {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+    trainer.model.zero_grad(set_to_none=True)
+    expected_mse, expected_reg, loss = one_pass(rays, target, None)
+    loss.backward()
+    torch.testing.assert_close(mse, expected_mse.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(reg, expected_reg.detach(), rtol=1e-5, atol=1e-12)
+    assert reg[0] > 0
+    for n, p in trainer.model.named_parameters():
+        assert p.grad.abs().max() > 0, n
+        torch.testing.assert_close(threaded[n], p.grad, rtol=1e-4, atol=1e-7 * p.grad.abs().max().item(), msg=n)
+
+
+def test_training_threads_default_to_one_per_core_only_where_no_grid_culls():
+    """TRAIN_THREADS 0: torch's threads in NDC (no occupancy grid), 1 with a grid; never more than the batch's rays,
+    and 1 on CUDA or for a compiled model."""
+    import torch.distributed as dist
+
+    cpu, cores = torch.device("cpu"), torch.get_num_threads()
+    assert train.train_threads(EXP1, cpu, None) == cores
+    assert train.train_threads(EXP1, cpu, object()) == 1
+    assert train.train_threads({**EXP1, "TRAIN_THREADS": 3}, cpu, object()) == 3
+    assert train.train_threads({**EXP1, "TRAIN_THREADS": 3, "BATCH_SIZE": 2}, cpu, None) == 2
+    assert train.train_threads(EXP1, torch.device("cuda"), None) == 1
+    assert train.train_threads({**EXP1, "COMPILE": True, "TRAIN_THREADS": 2}, cpu, None) == 1
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # torchrun: DDP's backward
+    try:
+        assert train.train_threads({**EXP1, "TRAIN_THREADS": 2}, cpu, None) == 1
+    finally:
+        dist.destroy_process_group()
+
+
 def test_non_finite_steps_can_be_skipped_instead(small_cfg, monkeypatch):
     real, calls = train.render_rays, []
 

@@ -235,7 +235,8 @@ def profile_row(cfg, device, steps, warm_steps):
 
     import train
 
-    trainer = train.Trainer(cfg, 0, 1, device)
+    # one thread a step: the profiler records the calling thread's ops only
+    trainer = train.Trainer({**cfg, "TRAIN_THREADS": 1}, 0, 1, device)
     trainer.set_learning_rate(cfg["LR"])
     for _ in range(warm_steps):
         trainer.update_grid()

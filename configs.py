@@ -52,8 +52,7 @@ EXP1 = {
                                  # with NUM_FINE training too (from the coarse pass's estimate); 0 = off
     # optimisation
     "BATCH_SIZE": 1024,          # rays per step, drawn at random across all training images
-    "TRAIN_THREADS": 0,          # CPU: Python threads a step's batch is split over, torch's threads shared out among
-                                 # them (0 = auto: one per torch thread where no occupancy grid culls (NDC), else 1)
+    "TRAIN_THREADS": 0,          # CPU: threads a step's batch is split over (0: 2 where no occupancy grid (NDC); or 1)
     "LR": 2e-3,                  # peak AdamW learning rate (of the MLP, under ENCODING=hash)
     "HASH_LR": 1e-2,             # hash: peak learning rate of the table (the same schedule, scaled by HASH_LR / LR)
     "ADAM_EPS": 1e-8,            # AdamW epsilon (1e-15 for a hash table, as Instant-NGP: rare entries keep full steps)
@@ -152,7 +151,7 @@ POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR",
 NON_NEGATIVE = ("HASH_LOG2_SIZE", "ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "DISTORTION", "POS_ENCODE_DIMS",
                 "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED",
                 "EVAL_EVERY", "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR",
-                "FAR", "HOLDOUT", "VIEWER_PORT")
+                "FAR", "HOLDOUT", "VIEWER_PORT", "TRAIN_THREADS")
 
 
 def parse_value(key, text, default):

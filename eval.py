@@ -87,8 +87,9 @@ def load_run(arg, device_name):
 
 
 def render_threads(threads, device):
-    """How many chunks of a view's rays to render at once, each single-threaded: --threads, by default one per torch
-    thread on a CPU (faster than those threads on one chunk: docs/fullres.md), and one on CUDA."""
+    """How many chunks of a view's rays to render at once, torch's threads shared out among them: --threads, by
+    default one per torch thread on a CPU (each chunk single-threaded: faster than those threads on one chunk,
+    docs/fullres.md), and one on CUDA."""
     if threads is not None and threads < 1:
         raise UserError(f"--threads={threads}: must be at least 1 (the chunks of rays rendered at once)")
     return threads or (torch.get_num_threads() if device.type == "cpu" else 1)
@@ -132,8 +133,8 @@ def main(argv=None):
     p.add_argument("--per_view", action="store_true", help="also list each view's PSNR and SSIM")
     p.add_argument("--out", default=None, help="also save each render and its depth map as PNG here")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="chunks of rays rendered at once, each on one "
-                   "thread (default: torch's thread count on a CPU, measured on 2 cores only; 1 on CUDA)")
+    p.add_argument("--threads", type=int, default=None, help="chunks of rays rendered at once, torch's "
+                   "threads shared out (default: torch's thread count on a CPU, measured on 2 cores only; 1 on CUDA)")
     p.add_argument("--debug", action="store_true", help="show tracebacks for bad input")
     args = p.parse_args(argv)
     try:

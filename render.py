@@ -681,7 +681,7 @@ def chunks_in_parallel(threads):
 
     On a CPU a chunk's many small ops scale poorly over intra-op threads, while chunks are independent: two threads
     of one chunk each beat one chunk on two threads (docs/fullres.md, docs/captures.md). torch's ops release the GIL.
-    The setting is the process's: other work meanwhile (a viewer's frame) gets the share too."""
+    The setting is the process's: not for nested use, nor while other work runs."""
     if threads <= 1:
         yield map
         return

@@ -5,6 +5,7 @@ learning rate, a grid update, the training step, logging, validation and a check
 evaluation, video, export and metrics. The run's scalar state (a RunState) is exactly what a checkpoint adds
 to the tensors, so resuming restores it whole.
 """
+import copy
 import gc
 import math
 import os
@@ -274,12 +275,12 @@ def skips_zero_density(cfg):
 
 def train_threads(cfg, device, grid):
     """How many Python threads a step's batch is split over (Trainer.threaded_loss_and_grads): TRAIN_THREADS, or by
-    default one per torch thread where no occupancy grid culls (a step of many samples: NDC's 1.35-1.64x faster on
-    2 cores, docs/captures.md) and 1 where one does (no faster). Always 1 on CUDA, under torchrun (DDP's backward) and
-    for a compiled model."""
+    default 2 where no occupancy grid culls (a step of many samples: fern's 1.3-1.6x faster on 2 cores, the only
+    count measured, docs/captures.md; so the same on any CPU of 2 or more torch threads) and 1 where one does (no
+    faster). Always 1 on CUDA, under torchrun (DDP's backward) and for a compiled model."""
     if device.type != "cpu" or dist.is_initialized() or cfg["COMPILE"]:
         return 1
-    threads = cfg["TRAIN_THREADS"] or (torch.get_num_threads() if grid is None else 1)
+    threads = cfg["TRAIN_THREADS"] or (min(2, torch.get_num_threads()) if grid is None else 1)
     return min(threads, cfg["BATCH_SIZE"])  # every slice at least one ray
 
 
@@ -642,7 +643,7 @@ class Trainer:
         cfg, lo, n = self.cfg, self.rank * self.shard, self.shard
         rays, target = sample_batch(self.train_views, cfg["BATCH_SIZE"], self.generator, self.scene.frame)
         rays, target = Rays(*(x[lo: lo + n] for x in rays)), target[lo: lo + n]
-        if self.threads > 1:
+        if self.threads > 1:  # on a CPU: no GradScaler (float16 is CUDA's), so its unscale_ below does nothing
             mse, reg = self.threaded_loss_and_grads(rays, target)
         else:
             with self.amp:
@@ -681,7 +682,7 @@ class Trainer:
         def slice_grads(k):
             share = len(targets[k]) / len(target)  # each slice's mean, weighted: the batch's mean
             generator = torch.Generator(device=self.device).manual_seed(seeds[k])
-            with self.amp:  # autocast is per thread
+            with copy.copy(self.amp):  # autocast is per thread, and a context object entered once at a time
                 mse, reg, loss = self.batch_loss(sliced[k], targets[k], generator)
             return mse.detach() * share, reg.detach() * share, torch.autograd.grad(loss * share, params,
                                                                                    allow_unused=True)

@@ -25,6 +25,7 @@ def test_overrides_are_case_insensitive_and_typed():
     ("--wandb=sometimes", "must be one of"),
     ("--min_lr=1", "above --lr"),
     ("--adam_beta2=1", "must be below 1"),
+    ("--train_threads=-2", "must be >= 0"),
     ("--hash_table_bits=9", "must be 2 ... 8"),
     ("lr=1", "use --key=value"),
     ("--lr", "use --key=value"),

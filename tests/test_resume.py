@@ -21,8 +21,9 @@ def test_resume_after_interruption_gives_the_same_parameters(encoding, small_cfg
     if encoding == "hash":  # exp7's model and optimiser (two parameter groups, epsilon 1e-15), a small table, on a
         # transforms.json capture: the resumed run keeps the frame the first chose from its views; each step's batch
         # over two threads, whose jitter the run's generator seeds
-        small_cfg.update({k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}, HASH_LOG2_SIZE=12,
-                         DATA=synthetic_capture(tmp_path / "capture", list(range(16))), TRAIN_THREADS=2)
+        small_cfg.update({k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS", "ADAM_BETA2")},
+                         HASH_LOG2_SIZE=12, DATA=synthetic_capture(tmp_path / "capture", list(range(16))),
+                         TRAIN_THREADS=2)
     straight = {**small_cfg, "OUT_DIR": str(tmp_path / "straight")}
     train.train(straight)
     expected = torch.load(os.path.join(straight["OUT_DIR"], "ckpt.pt"), weights_only=True)

@@ -113,12 +113,12 @@ def test_a_step_over_threads_has_the_one_thread_steps_loss_and_gradients(small_c
 
 
 def test_training_threads_default_to_one_per_core_only_where_no_grid_culls():
-    """TRAIN_THREADS 0: torch's threads in NDC (no occupancy grid), 1 with a grid; never more than the batch's rays,
-    and 1 on CUDA or for a compiled model."""
+    """TRAIN_THREADS 0: 2 in NDC (no occupancy grid; 1 on a one-thread CPU), 1 with a grid; never more than the
+    batch's rays, and 1 on CUDA, under torchrun or for a compiled model."""
     import torch.distributed as dist
 
-    cpu, cores = torch.device("cpu"), torch.get_num_threads()
-    assert train.train_threads(EXP1, cpu, None) == cores
+    cpu = torch.device("cpu")
+    assert train.train_threads(EXP1, cpu, None) == min(2, torch.get_num_threads())
     assert train.train_threads(EXP1, cpu, object()) == 1
     assert train.train_threads({**EXP1, "TRAIN_THREADS": 3}, cpu, object()) == 3
     assert train.train_threads({**EXP1, "TRAIN_THREADS": 3, "BATCH_SIZE": 2}, cpu, None) == 2

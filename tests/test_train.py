@@ -90,7 +90,7 @@ def test_the_cuda_graph_is_used_only_on_cuda_without_torchrun_or_float16():
 
 
 def test_a_step_over_threads_has_the_one_thread_steps_loss_and_gradients(small_cfg, monkeypatch):
-    """Slices of the batch on two threads, each slice's gradient taken apart: their weighted sum is the batch's mean
+    """Slices of the batch on threads, each slice's gradient taken apart: their weighted sum is the batch's mean
     loss and gradient (jitter off, so both see the same samples; the hash model with a fine pass and the opacity
     regulariser, on 3 slices of unequal size)."""
     cfg = {**small_cfg, "ENCODING": "hash", "HASH_LOG2_SIZE": 12, "NUM_FINE": 8, "BATCH_SIZE": 301, "TRAIN_THREADS": 3}
@@ -112,7 +112,7 @@ def test_a_step_over_threads_has_the_one_thread_steps_loss_and_gradients(small_c
         torch.testing.assert_close(threaded[n], p.grad, rtol=1e-4, atol=1e-7 * p.grad.abs().max().item(), msg=n)
 
 
-def test_training_threads_default_to_one_per_core_only_where_no_grid_culls():
+def test_training_threads_default_to_two_only_where_no_grid_culls():
     """TRAIN_THREADS 0: 2 in NDC (no occupancy grid; 1 on a one-thread CPU), 1 with a grid; never more than the
     batch's rays, and 1 on CUDA, under torchrun or for a compiled model."""
     import torch.distributed as dist

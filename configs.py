@@ -36,7 +36,7 @@ EXP1 = {
                                  # the data's: 17 in NDC (a forward-facing scene spans its whole square), else 15
     "HASH_FEATURES": 2,          # hash: learned features per table entry
     "HASH_BASE_RES": 16,         # hash: grid resolution of the coarsest level (cells per axis of the scene cube)
-    "HASH_FINEST_RES": 256,      # hash: grid resolution of the finest level
+    "HASH_FINEST_RES": 0,        # hash: grid resolution of the finest level (0 = the data's: 1024 in NDC, else 256)
     "DENSITY_LAYERS": 1,         # hash: hidden layers (width EMB_DIM) of the density MLP, which outputs 16 values
     "COLOR_LAYERS": 2,           # hash: hidden layers (width EMB_DIM) of the colour MLP
     "HASH_TABLE_BITS": 5,        # hash + bitnerf: the table trains fake-quantized to, and exports as, 2 ... 8 bits
@@ -146,12 +146,11 @@ CHOICES = {"MODEL": ("nerf", "bitnerf"), "ENCODING": ("frequency", "hash"), "DEN
            "RECIPE": tuple(RECIPES)}
 POSITIVE = ("NUM_LAYERS", "EMB_DIM", "NUM_SAMPLES", "CHUNK", "BATCH_SIZE", "LR", "MAX_STEPS", "DOWNSCALE",
             "EVAL_VIEWS", "CKPT_EVERY", "LOG_EVERY", "GRID_RES", "VIDEO_DOWNSCALE", "VIEWER_RES", "VIEWER_FRAME_S",
-            "HASH_LEVELS", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "HASH_LR", "ADAM_EPS",
-            "ADAM_BETA2")
-NON_NEGATIVE = ("HASH_LOG2_SIZE", "ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "DISTORTION", "POS_ENCODE_DIMS",
-                "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP", "TIME_BUDGET_S", "SEED",
-                "EVAL_EVERY", "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS", "SCENE_BOUND", "NEAR",
-                "FAR", "HOLDOUT", "VIEWER_PORT", "TRAIN_THREADS")
+            "HASH_LEVELS", "HASH_FEATURES", "HASH_BASE_RES", "HASH_LR", "ADAM_EPS", "ADAM_BETA2")
+NON_NEGATIVE = ("HASH_LOG2_SIZE", "HASH_FINEST_RES", "ERT_TRANSMITTANCE", "NUM_FINE", "OPACITY_REG", "DISTORTION",
+                "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
+                "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS",
+                "SCENE_BOUND", "NEAR", "FAR", "HOLDOUT", "VIEWER_PORT", "TRAIN_THREADS")
 
 
 def parse_value(key, text, default):
@@ -189,9 +188,9 @@ def check_config(cfg):
         raise ConfigError(f"--ert_transmittance={cfg['ERT_TRANSMITTANCE']}: must be below 1 "
                           "(1e-4 is a good value; 0 = off)")
     eval_at_seconds(cfg)
-    if cfg["HASH_FINEST_RES"] < cfg["HASH_BASE_RES"]:
-        raise ConfigError(f"--hash_finest_res={cfg['HASH_FINEST_RES']} is below --hash_base_res="
-                          f"{cfg['HASH_BASE_RES']}; raise it")
+    if (cfg["HASH_FINEST_RES"] or 256) < cfg["HASH_BASE_RES"]:  # 0, the data's, is 256 or finer
+        raise ConfigError(f"--hash_finest_res={cfg['HASH_FINEST_RES']} (0: the data's, 256 in a cube) is below "
+                          f"--hash_base_res={cfg['HASH_BASE_RES']}; raise it")
     if not 2 <= cfg["HASH_TABLE_BITS"] <= 8:
         raise ConfigError(f"--hash_table_bits={cfg['HASH_TABLE_BITS']}: must be 2 ... 8")
     if cfg["HASH_LOG2_SIZE"] and not 8 <= cfg["HASH_LOG2_SIZE"] <= 24:

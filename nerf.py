@@ -87,10 +87,12 @@ HASH_KEYS = ("HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", 
              "DENSITY_LAYERS", "COLOR_LAYERS", "EMB_DIM", "USE_VIEWDIRS")
 
 
-def table_log2(space):
-    """HASH_LOG2_SIZE's value for 0 (the data's): 2^17 entries a level in NDC, where a forward-facing capture's
-    surfaces span the whole square at every depth (more fine cells than a 2^15 table holds), else 2^15."""
-    return 17 if space == "ndc" else 15
+def hash_data_defaults(space):
+    """What HASH_LOG2_SIZE and HASH_FINEST_RES mean at 0 (the data's), by the space. In NDC a forward-facing
+    capture's surfaces span the whole square at every depth: more fine cells than a 2^15 table holds, and its photos'
+    detail (fern's fronds) wants a finer grid than 256 cells across the square (docs/captures.md)."""
+    ndc = space == "ndc"
+    return {"HASH_LOG2_SIZE": 17 if ndc else 15, "HASH_FINEST_RES": 1024 if ndc else 256}
 
 
 # The spatial hash of Mueller et al. 2022 (Instant-NGP), as int32: a product wraps modulo 2^32 as the paper's
@@ -268,9 +270,9 @@ class HashNeRF(nn.Module):
 def model_kwargs(cfg):
     """The constructor arguments of the model a config selects (also what a checkpoint must match), named as the
     config's keys in lower case."""
-    if cfg["ENCODING"] == "hash":  # HASH_LOG2_SIZE 0: the data's, by its space (train.load_data saves it resolved)
+    if cfg["ENCODING"] == "hash":  # a key at 0: the data's, by its space (train.load_data saves it resolved)
         return {**{k.lower(): cfg[k] for k in HASH_KEYS},
-                "hash_log2_size": cfg["HASH_LOG2_SIZE"] or table_log2(cfg["SPACE"])}
+                **{k.lower(): cfg[k] or v for k, v in hash_data_defaults(cfg["SPACE"]).items()}}
     return dict(
         pos_encode_dims=cfg["POS_ENCODE_DIMS"],
         num_layers=cfg["NUM_LAYERS"],

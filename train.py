@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
 from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
 from dataset import protocol, resolve_data, sample_batch, scene_of, score_name, scored_on
-from nerf import model_class, model_kwargs, table_log2
+from nerf import hash_data_defaults, model_class, model_kwargs
 from render import (
     Frame,
     Rays,
@@ -459,12 +459,12 @@ def check_same_scene(saved, now, path):
                         + again)
 
 
-def with_frame(cfg, frame, saved_table=None):
-    """The config with what a scene's frame resolves: FRAME and its keys, and the hash table's size (a resumed
-    run's saved_table, else the frame's space's)."""
-    table = cfg["HASH_LOG2_SIZE"] or saved_table or table_log2(frame.space)
+def with_frame(cfg, frame, saved=None):
+    """The config with what a scene's frame resolves: FRAME and its keys, and the hash keys left at 0 (a resumed
+    run's saved config's values, else the frame's space's)."""
+    hashed = {k: cfg[k] or (saved or {}).get(k) or v for k, v in hash_data_defaults(frame.space).items()}
     return {**cfg, "FRAME": frame.record(), "SPACE": frame.space, "NEAR": frame.near, "FAR": frame.far,
-            "SCENE_BOUND": frame.bound, "HASH_LOG2_SIZE": table}
+            "SCENE_BOUND": frame.bound, **hashed}
 
 
 def data_config(cfg):
@@ -593,11 +593,11 @@ class Trainer:
         """The scene (in its checkpoint's frame, FRAME's or the data's own) and its training and validation views on
         the device; returns the config with what the data resolved: DATA, and FRAME and its keys."""
         cfg = {**cfg, "DATA": run_data(cfg, ckpt, self.rank, self.world)}
-        saved_table = ckpt["config"].get("HASH_LOG2_SIZE") if ckpt is not None else None  # a resume keeps its table
+        saved = ckpt["config"] if ckpt is not None else None  # a resume keeps its table and grid resolution
         self.scene = scene_of(cfg, ("train", "val"), run_frame(cfg, ckpt))
         self.train_views, self.val_views = (self.scene.splits[s].to(self.device) for s in ("train", "val"))
         self.scene.background = self.scene.background.to(self.device)
-        return with_frame(cfg, self.scene.frame, saved_table)
+        return with_frame(cfg, self.scene.frame, saved)
 
     def resume(self, ckpt):
         """Restore weights, optimizer, scaler, generator and grid from a checkpoint; returns its RunState."""

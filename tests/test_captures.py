@@ -227,29 +227,30 @@ def test_the_fox_capture_loads_with_its_lens_and_renders(tmp_path):
     assert images_of(views).shape == (43, 240, 135, 3)
 
 
-def test_the_hash_table_follows_the_space_unless_set_and_a_resume_keeps_its_own(llff, tmp_path):
-    """HASH_LOG2_SIZE 0 is the data's: 2^17 in NDC, 2^15 in a cube; a set value wins, and a run resumed with the
-    default keeps the table its checkpoint was trained with."""
+def test_the_hash_table_and_finest_grid_follow_the_space_unless_set_and_a_resume_keeps_its_own(llff, tmp_path):
+    """HASH_LOG2_SIZE and HASH_FINEST_RES at 0 are the data's: 2^17 and 1024 in NDC, 2^15 and 256 in a cube; a set
+    value wins, and a run resumed with the defaults keeps what its checkpoint was trained with."""
     folder, _ = llff
     hashed = {k: EXP7[k] for k in ("ENCODING", "LR", "HASH_LR", "ADAM_EPS")}
 
-    def saved_table(run, **keys):
+    def saved_hash(run, **keys):
         train.train({**small(tmp_path / run), **hashed, "HASH_LEVELS": 2, "MAX_STEPS": 2, **keys})
         with open(tmp_path / run / "config.json") as f:
-            return json.load(f)["HASH_LOG2_SIZE"]
+            saved = json.load(f)
+        return saved["HASH_LOG2_SIZE"], saved["HASH_FINEST_RES"]
 
-    assert EXP7["HASH_LOG2_SIZE"] == 0
-    assert saved_table("ndc", DATA=folder, DOWNSCALE=8) == 17
-    assert saved_table("cube") == 15
-    assert saved_table("set", DATA=folder, DOWNSCALE=8, HASH_LOG2_SIZE=12) == 12
-    assert saved_table("set", DATA=folder, DOWNSCALE=8, MAX_STEPS=4) == 12
+    assert EXP7["HASH_LOG2_SIZE"] == EXP7["HASH_FINEST_RES"] == 0
+    assert saved_hash("ndc", DATA=folder, DOWNSCALE=8) == (17, 1024)
+    assert saved_hash("cube") == (15, 256)
+    assert saved_hash("set", DATA=folder, DOWNSCALE=8, HASH_LOG2_SIZE=12, HASH_FINEST_RES=64) == (12, 64)
+    assert saved_hash("set", DATA=folder, DOWNSCALE=8, MAX_STEPS=4) == (12, 64)
     # what a run on the data resolves, without training (bench.py builds its models so): as the runs saved it
     resolved = train.data_config({**small(tmp_path / "x"), **hashed, "HASH_LEVELS": 2, "DATA": folder, "DOWNSCALE": 8})
     with open(tmp_path / "ndc" / "config.json") as f:
         trained = json.load(f)
-    keys = ("SPACE", "NEAR", "FAR", "SCENE_BOUND", "HASH_LOG2_SIZE", "FRAME")
+    keys = ("SPACE", "NEAR", "FAR", "SCENE_BOUND", "HASH_LOG2_SIZE", "HASH_FINEST_RES", "FRAME")
     assert {k: resolved[k] for k in keys} == {k: trained[k] for k in keys}
-    assert resolved["SPACE"] == "ndc" and resolved["HASH_LOG2_SIZE"] == 17
+    assert resolved["SPACE"] == "ndc" and (resolved["HASH_LOG2_SIZE"], resolved["HASH_FINEST_RES"]) == (17, 1024)
 
 
 def test_with_no_view_held_out_the_scores_say_they_are_on_training_views(llff, tmp_path):

@@ -27,6 +27,8 @@ def test_overrides_are_case_insensitive_and_typed():
     ("--adam_beta2=1", "must be below 1"),
     ("--train_threads=-2", "must be >= 0"),
     ("--hash_table_bits=9", "must be 2 ... 8"),
+    ("--hash_finest_res=-1", "must be >= 0"),
+    ("--hash_base_res=512", r"--hash_finest_res=0 \(0: the data's, 256 in a cube\) is below --hash_base_res=512"),
     ("lr=1", "use --key=value"),
     ("--lr", "use --key=value"),
 ])

@@ -26,8 +26,8 @@ def test_validation_psnr_rises_on_the_synthetic_scene(small_cfg):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     with open(os.path.join(out, "config.json")) as f:
         recorded = json.load(f)
-    # the synthetic scene's, resolved and kept (a hash table's size too: 2^15 in a cube)
-    frame = {"SPACE": "cube", "NEAR": 2.0, "FAR": 5.0, "SCENE_BOUND": 1.5, "HASH_LOG2_SIZE": 15}
+    # the synthetic scene's, resolved and kept (the hash keys too: a 2^15 table and 256 cells in a cube)
+    frame = {"SPACE": "cube", "NEAR": 2.0, "FAR": 5.0, "SCENE_BOUND": 1.5, "HASH_LOG2_SIZE": 15, "HASH_FINEST_RES": 256}
     assert recorded == {**cfg, **frame, "FRAME": recorded["FRAME"]} and recorded["FRAME"]["far"] == 5.0
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 300 and set(ckpt) >= {"model", "optimizer", "generator", "config"}

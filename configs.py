@@ -120,18 +120,19 @@ VARIANTS = {"exp7-bitnerf": ("exp7", ("--model=bitnerf", "--compile=true", "--em
 
 # Recipes: a layer over any preset for nerf_synthetic views larger than the presets' 100 px, e.g.
 #   python exp1.py --recipe=cpu200 --data=../shared/data/nerf_synthetic/lego
-# A recipe sets only keys that scale with the views (resolution, samples, grid, batch, schedule, evaluation, video);
-# keys on the command line still win. How each value was chosen: docs/scale.md.
+# A recipe sets only keys that scale with the views (resolution, samples, grid, batch, optimiser, schedule, evaluation,
+# video); keys on the command line still win. How each value was chosen: docs/scale.md, docs/fullres.md.
 RECIPES = {
     "none": {},
     # 200 x 200 (DOWNSCALE 4) in 10 minutes on a 2-core CPU: twice the samples per ray
     "cpu200": {"DOWNSCALE": 4, "TIME_BUDGET_S": 600.0, "MAX_STEPS": 10 ** 9, "EVAL_EVERY": 0,
                "EVAL_AT_S": "150,300", "NUM_SAMPLES": 128},
     # 800 x 800 on a 2-core CPU, an hour; the orbit at 200 x 200. A hash encoding (exp7) gets Instant-NGP's finest
-    # grid for 800 px and a 2^19 table, whose dense AdamW step the fused kernel takes in one pass (docs/fullres.md)
+    # grid for 800 px and a 2^19 table, whose dense AdamW step the fused kernel takes in one pass; Adam's beta2 is
+    # torch's 0.999 for every preset, exp7's included: its hour scored lower at 0.99 (docs/fullres.md)
     "cpu800": {"DOWNSCALE": 1, "TIME_BUDGET_S": 3600.0, "MAX_STEPS": 10 ** 9, "EVAL_EVERY": 0,
                "EVAL_AT_S": "600,1800", "NUM_SAMPLES": 128, "VIDEO_DOWNSCALE": 4, "HASH_FINEST_RES": 2048,
-               "HASH_LOG2_SIZE": 19, "FUSED_OPTIM": True},
+               "HASH_LOG2_SIZE": 19, "FUSED_OPTIM": True, "ADAM_BETA2": 0.999},
     # 800 x 800 in 15 minutes on one large GPU (a starting point: not yet measured on a GPU)
     "gpu800": {"DOWNSCALE": 1, "TIME_BUDGET_S": 900.0, "MAX_STEPS": 10 ** 9, "EVAL_EVERY": 0,
                "EVAL_AT_S": "15,60,300", "BATCH_SIZE": 8192, "CHUNK": 32768, "NUM_SAMPLES": 256, "GRID_RES": 128,
@@ -151,6 +152,14 @@ NON_NEGATIVE = ("HASH_LOG2_SIZE", "HASH_FINEST_RES", "ERT_TRANSMITTANCE", "NUM_F
                 "POS_ENCODE_DIMS", "DIR_ENCODE_DIMS", "MIN_LR", "WARMUP_STEPS", "WEIGHT_DECAY", "GRAD_CLIP",
                 "TIME_BUDGET_S", "SEED", "EVAL_EVERY", "VIDEO_FRAMES", "VIDEO_EVERY", "DENSITY_LAYERS", "COLOR_LAYERS",
                 "SCENE_BOUND", "NEAR", "FAR", "HOLDOUT", "VIEWER_PORT", "TRAIN_THREADS")
+
+
+def hash_data_defaults(space):
+    """What HASH_LOG2_SIZE and HASH_FINEST_RES mean at 0 (the data's), by the space. In NDC a forward-facing
+    capture's surfaces span the whole square at every depth: more fine cells than a 2^15 table holds, and its photos'
+    detail (fern's fronds) wants a finer grid than 256 cells across the square (docs/captures.md)."""
+    ndc = space == "ndc"
+    return {"HASH_LOG2_SIZE": 17 if ndc else 15, "HASH_FINEST_RES": 1024 if ndc else 256}
 
 
 def parse_value(key, text, default):
@@ -188,8 +197,9 @@ def check_config(cfg):
         raise ConfigError(f"--ert_transmittance={cfg['ERT_TRANSMITTANCE']}: must be below 1 "
                           "(1e-4 is a good value; 0 = off)")
     eval_at_seconds(cfg)
-    if (cfg["HASH_FINEST_RES"] or 256) < cfg["HASH_BASE_RES"]:  # 0, the data's, is 256 or finer
-        raise ConfigError(f"--hash_finest_res={cfg['HASH_FINEST_RES']} (0: the data's, 256 in a cube) is below "
+    coarsest = hash_data_defaults("cube")["HASH_FINEST_RES"]  # 0, the data's, is this or finer
+    if (cfg["HASH_FINEST_RES"] or coarsest) < cfg["HASH_BASE_RES"]:
+        raise ConfigError(f"--hash_finest_res={cfg['HASH_FINEST_RES']} (0: the data's, {coarsest} in a cube) is below "
                           f"--hash_base_res={cfg['HASH_BASE_RES']}; raise it")
     if not 2 <= cfg["HASH_TABLE_BITS"] <= 8:
         raise ConfigError(f"--hash_table_bits={cfg['HASH_TABLE_BITS']}: must be 2 ... 8")

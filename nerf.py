@@ -6,6 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from configs import hash_data_defaults
+
 
 def positional_encoding(x, num_freqs):
     """[x, sin(2^k x), cos(2^k x)] for k < num_freqs, as in the Keras NeRF tutorial."""
@@ -85,14 +87,6 @@ class NeRF(nn.Module):
 # the config keys a HashNeRF is built from (its constructor's arguments, in lower case)
 HASH_KEYS = ("HASH_LEVELS", "HASH_LOG2_SIZE", "HASH_FEATURES", "HASH_BASE_RES", "HASH_FINEST_RES", "SCENE_BOUND",
              "DENSITY_LAYERS", "COLOR_LAYERS", "EMB_DIM", "USE_VIEWDIRS")
-
-
-def hash_data_defaults(space):
-    """What HASH_LOG2_SIZE and HASH_FINEST_RES mean at 0 (the data's), by the space. In NDC a forward-facing
-    capture's surfaces span the whole square at every depth: more fine cells than a 2^15 table holds, and its photos'
-    detail (fern's fronds) wants a finer grid than 256 cells across the square (docs/captures.md)."""
-    ndc = space == "ndc"
-    return {"HASH_LOG2_SIZE": 17 if ndc else 15, "HASH_FINEST_RES": 1024 if ndc else 256}
 
 
 # The spatial hash of Mueller et al. 2022 (Instant-NGP), as int32: a product wraps modulo 2^32 as the paper's

@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from bitnerf import build_bitnerf, export_bitnerf, load_ternary, plain_state
-from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, usage
+from configs import ConfigError, UserError, apply_overrides, eval_at_seconds, hash_data_defaults, usage
 from dataset import protocol, resolve_data, sample_batch, scene_of, score_name, scored_on
-from nerf import hash_data_defaults, model_class, model_kwargs
+from nerf import model_class, model_kwargs
 from render import (
     Frame,
     Rays,
